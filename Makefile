@@ -1,0 +1,25 @@
+# The two commands a fresh machine needs: `make run` and `make test`. Each sets up .venv first
+# (once; again when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vizkit-installed
+
+.PHONY: run test bench setup
+
+run: $(STAMP)
+	$(BIN)/vizkit $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py $(ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml plugins/vizkit-rise/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e plugins/vizkit-rise
+	touch $(STAMP)

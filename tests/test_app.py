@@ -1,0 +1,82 @@
+"""The `vizkit` command end to end: real Hydra composition, Lightning Trainer, TensorBoard files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import images_in, read_events
+
+from vizkit.models import embedded_card
+
+
+def test_default_run_explains_the_embedded_samples(vizkit_cli):
+    run = vizkit_cli()
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    run_dir = run.run_dir
+    assert f"tensorboard --logdir {run_dir}" in run.stdout
+    assert run_dir.parent.parent == run.cwd / "outputs"
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    results = run.results
+    classes = embedded_card()["classes"]
+    assert results["method"]["name"] == "saliency"
+    assert len(results["inputs"]) == len(classes)  # one sample image per class
+    for record in results["inputs"]:
+        assert (run_dir / record["png"]).is_file()
+        assert len(record["top5"]) == 5 and record["top5"][0]["name"] in classes
+        assert record["target"] == {"kind": "class", "index": record["top5"][0]["index"], "name": record["top5"][0]["name"]}
+        # the embedded model recognizes its own sample images
+        assert record["top5"][0]["name"] == record["name"].split("_")[0]
+    assert set(results["timings"]) >= {"method_seconds", "run_seconds", "model_load_seconds"}
+    assert "metrics" in results
+    tags = images_in(run_dir)
+    for record in results["inputs"]:
+        for part in ("input", "map", "overlay"):
+            assert len(tags[f"saliency/{record['name']}/{part}"]) == 1
+
+
+def test_method_config_is_logged_as_hparams(vizkit_cli):
+    run = vizkit_cli("method=occlusion", "method.window=16", "method.stride=8", "target=class:3")
+    assert run.returncode == 0, run.stderr
+    results = run.results
+    assert results["method"]["config"] | {"window": 16, "stride": 8} == results["method"]["config"]
+    assert {r["target"]["index"] for r in results["inputs"]} == {3}
+    hparams = {}
+    for events in (run.run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        hparams.update(read_events(events).PluginTagToContent("hparams"))
+    assert "_hparams_/session_start_info" in hparams
+    start = hparams["_hparams_/session_start_info"].decode("latin-1")
+    assert "method.window" in start and "occlusion" in start
+
+
+def test_multirun_writes_one_directory_per_job(vizkit_cli):
+    run = vizkit_cli("-m", "method=saliency,guided_backprop", "data=shapes", "data.count=2")
+    assert run.returncode == 0, run.stderr
+    job_dirs = sorted((run.cwd / "outputs" / "multirun").glob("*/*/*_*"))
+    assert [d.name.split("_", 1)[1] for d in job_dirs] == ["saliency", "guided_backprop"]
+    for job_dir in job_dirs:
+        results = json.loads((job_dir / "results.json").read_text())
+        assert len(results["inputs"]) == 2
+        assert "top1_accuracy" in results["metrics"]
+
+
+def test_help_lists_every_method_with_kind_and_description(vizkit_cli):
+    run = vizkit_cli("--help")
+    assert run.returncode == 0
+    for name in ("occlusion", "saliency", "guided_backprop", "deconvnet", "rise"):
+        line = next(line for line in run.stdout.splitlines() if line.strip().startswith(name + " "))
+        assert "[attribution]" in line and len(line.split("]", 1)[1].strip()) > 10
+
+
+def test_cfg_job_shows_method_fields_and_defaults(vizkit_cli):
+    run = vizkit_cli("method=occlusion", "--cfg", "job")
+    assert run.returncode == 0, run.stderr
+    for line in ("window: 16", "stride: 8", "fill: 0.5", "_name_: occlusion"):
+        assert line in run.stdout
+
+
+def test_third_party_plugin_runs_through_vizkit(vizkit_cli):
+    run = vizkit_cli("method=rise", "method.masks=64", "data=shapes", "data.count=2")
+    assert run.returncode == 0, run.stderr
+    assert run.results["method"]["name"] == "rise"
+    assert run.results["method"]["config"]["masks"] == 64

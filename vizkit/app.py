@@ -1,0 +1,112 @@
+"""The ``vizkit`` command: compose the Hydra config, hand off to the runner, report where results are.
+
+Importing this module discovers the method plugins and stores their configs (and a help page that
+lists them) in Hydra's ConfigStore, before ``@hydra.main`` composes anything. torch, timm and
+Lightning are imported only once a run starts, so ``vizkit --help`` stays quick.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from vizkit import registry
+from vizkit.errors import VizkitError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+HELP_TEMPLATE = """vizkit: what does this network see?
+
+Runs a method (attribution, optimization, adversarial, inspection) on a timm model and images, and
+writes PNGs, results.json and TensorBoard logs into the run directory under outputs/.
+
+== Methods (method=NAME; fields: vizkit method=NAME --cfg job) ==
+{methods}
+
+== Configuration groups (group=option) ==
+$APP_CONFIG_GROUPS
+== Targets (target=...) ==
+  predicted | class:INDEX | class:NAME | channel:LAYER:C | neuron:LAYER:C:Y:X
+  (layers: vizkit-layers MODEL)
+
+== Examples ==
+  vizkit
+  vizkit method=occlusion method.window=16 method.stride=8 target=class:3
+  vizkit -m method=saliency,guided_backprop
+  vizkit model.name=resnet18 model.checkpoint=weights.safetensors data=images data.paths=[cat.jpg]
+
+== Config ==
+$CONFIG
+Use --hydra-help to view Hydra's own options."""
+
+
+def setup() -> None:
+    """Register method configs, the help page and the ``vizkit_asset`` resolver (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    registry.store_configs()
+    methods = registry.describe_methods().replace("${", "\\${")
+    ConfigStore.instance().store(
+        group="hydra/help", name="vizkit",
+        node={"app_name": "vizkit", "header": "", "footer": "", "template": HELP_TEMPLATE.format(methods=methods)},
+    )
+    if not OmegaConf.has_resolver("vizkit_asset"):
+        OmegaConf.register_new_resolver("vizkit_asset", lambda name: str(ASSETS_DIR / name))
+
+
+def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _review_dir(run_dir: Path) -> Path:
+    """The directory TensorBoard should open: the sweep's for a multirun (one HParams table)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    config = HydraConfig.get()
+    return Path(config.sweep.dir).resolve() if config.mode == RunMode.MULTIRUN else run_dir
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _main(cfg: DictConfig) -> None:
+    from vizkit.runner import run
+
+    run_dir = _run_dir()
+    try:
+        results = run(cfg, run_dir)
+    except VizkitError as error:
+        print(f"vizkit: error: {error}", file=sys.stderr)  # user-facing
+        sys.exit(2)
+    count = len(results["inputs"])
+    print(f"vizkit: {results['method']['name']} on {count} input(s) -> {run_dir}")  # user-facing
+    print(f"vizkit: review with: tensorboard --logdir {_review_dir(run_dir)}")  # user-facing
+
+
+def _refuse_used_run_dir(argv: list[str]) -> None:
+    """A pinned ``hydra.run.dir`` that holds an earlier run is refused before Hydra starts: Hydra
+    rewrites ``.hydra/`` before any callback or task code could object."""
+    from vizkit.output import check_fresh
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "hydra.run.dir" and value and "-m" not in argv and "--multirun" not in argv:
+            check_fresh(Path(value))
+
+
+def main() -> None:
+    try:
+        _refuse_used_run_dir(sys.argv[1:])
+        setup()
+    except VizkitError as error:  # e.g. two plugins claiming one method name
+        print(f"vizkit: error: {error}", file=sys.stderr)  # user-facing
+        sys.exit(2)
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Gradient saliency (Simonyan, Vedaldi & Zisserman 2014, "Deep Inside Convolutional Networks").
+
+    M(x) = max_c |dS(x)/dx_c|
+
+S is the target's score: a class logit (pre-softmax, as in the paper), a channel's summed activation,
+or one neuron. Matches captum's ``Saliency(abs=True)`` followed by the max over colour channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vizkit.gradients import check_reduction, input_gradient, reduce_channels
+from vizkit.methods.base import AttributionMethod
+
+
+@dataclass
+class SaliencyConfig:
+    reduce: str = "max_abs"  # over colour channels: max_abs (the paper), abs_sum, sum, none (keep [B,3,H,W])
+
+    def __post_init__(self) -> None:
+        check_reduction("saliency", self.reduce)
+
+
+class Saliency(AttributionMethod):
+    name = "saliency"
+    description = "gradient saliency |dS/dx|, max over colour channels (Simonyan et al. 2014)"
+    Config = SaliencyConfig
+    target_kinds = frozenset({"class", "channel", "neuron"})
+
+    def compute(self, model, x, target, pixels):
+        return reduce_channels(input_gradient(model, x, target), self.config.reduce)

@@ -1,0 +1,118 @@
+"""The plugin contract: what a vizkit method is.
+
+A method is a class with four class attributes and one verb:
+
+    name: str         the name users type: ``vizkit method=<name>``, ``vizkit.create_method("<name>")``
+    kind: str         "attribution" | "optimization" | "adversarial" | "inspection"
+    description: str  one line, shown by ``vizkit --help``
+    Config: type      a ``@dataclass`` whose fields are the method's parameters, each with a default and
+                      a type OmegaConf understands (int, float, bool, str, Optional, List, Enum, nested
+                      dataclasses). Validate values in ``__post_init__`` by raising ``ConfigError``.
+
+It is constructed as ``Method(config)`` or ``Method(**fields)`` and registered through the entry-point
+group ``vizkit.methods`` of its distribution's ``pyproject.toml``::
+
+    [project.entry-points."vizkit.methods"]
+    my_rise = "my_package.rise:Rise"
+
+At start-up vizkit stores every ``Config`` in Hydra's ConfigStore under group ``method``, so
+``vizkit method=my_rise method.masks=2000`` is type-checked exactly like a built-in.
+
+The method does the math on tensors; the runner owns devices, batching, precision, progress and
+logging, and the same object works from plain Python without Hydra or Lightning. Each kind has a base
+class below that does its argument handling, so a method file is only its idea:
+
+* ``AttributionMethod``: implement ``compute(model, x, target, pixels) -> [B,1,H,W]`` (or ``[B,C,H,W]``);
+  callers use ``attribute(model, x, target)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from vizkit.errors import ConfigError
+
+if TYPE_CHECKING:  # torch stays out of the config-composition path (`vizkit --help` stays fast)
+    import torch
+
+    from vizkit.pixels import PixelSpace
+    from vizkit.targets import Target
+
+KINDS = ("attribution", "optimization", "adversarial", "inspection")
+
+
+@dataclasses.dataclass
+class NoConfig:
+    """Config of a method without parameters."""
+
+
+class Method:
+    """Base of every method; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    description: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+
+    def __init__(self, config: Any = None, **fields: Any) -> None:
+        if config is None:
+            config = self.Config(**fields)
+        elif fields:
+            config = dataclasses.replace(config, **fields)
+        if not isinstance(config, self.Config):
+            raise ConfigError(f"{self.name}: expected a {self.Config.__name__} config, got {type(config).__name__}")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+class AttributionMethod(Method):
+    """Which input pixels drive a target.
+
+    Subclasses implement ``compute``; callers use ``attribute``, which normalizes the target and works
+    out how to reach pixel space. ``target_kinds`` lists the target kinds the method can explain:
+    ``"class"`` (a logit or probability), ``"channel"`` (a layer channel's summed activation) and
+    ``"neuron"`` (one activation at a spatial position).
+    """
+
+    kind: ClassVar[str] = "attribution"
+    target_kinds: ClassVar[frozenset[str]] = frozenset({"class"})
+
+    def attribute(
+        self,
+        model: "torch.nn.Module",
+        x: "torch.Tensor",
+        target: Any = None,
+        *,
+        mean: Any = None,
+        std: Any = None,
+    ) -> "torch.Tensor":
+        """Attribution maps for the batch ``x`` (the model's input, ``[B,3,H,W]``, on its device).
+
+        ``target``: ``None`` (each input's predicted class), a class index, one index per input
+        (sequence or tensor), a string such as ``"class:3"``, ``"class:tabby"``,
+        ``"channel:layer4:7"``, ``"neuron:layer3.1:5:2:2"``, or a resolved ``vizkit.targets`` object.
+        ``mean``/``std``: how ``x`` was normalized from pixels in [0, 1]; by default taken from the
+        model's timm data config, and if it has none ``x`` is taken as pixels already.
+        Returns ``[B,1,H,W]`` float maps (``[B,C,H,W]`` where a method documents it), detached.
+        The model is not modified: no hooks, flags or modes outlive the call.
+        """
+        from vizkit.pixels import PixelSpace
+        from vizkit.targets import resolve_target
+
+        if x.dim() != 4:
+            raise ConfigError(f"{self.name}: expected an input batch [B,C,H,W], got shape {tuple(x.shape)}")
+        resolved = resolve_target(target, model, x)
+        if resolved.kind not in self.target_kinds:
+            raise ConfigError(
+                f"{self.name} cannot explain a {resolved.kind} target ({resolved}); "
+                f"it takes: {', '.join(sorted(self.target_kinds))}"
+            )
+        pixels = PixelSpace.for_model(model, mean=mean, std=std, device=x.device)
+        return self.compute(model, x.detach(), resolved, pixels).detach()
+
+    def compute(self, model: "torch.nn.Module", x: "torch.Tensor", target: "Target", pixels: "PixelSpace") -> "torch.Tensor":
+        """The method's math. ``target`` is resolved (its ``kind`` is in ``target_kinds``), ``pixels``
+        converts between the model's input space and pixels in [0, 1]. Return ``[B,1,H,W]``."""
+        raise NotImplementedError

@@ -1,0 +1,201 @@
+"""The runner: one vizkit run, executed by a real Lightning Trainer.
+
+``run(cfg, run_dir)`` loads the model and inputs, checks everything a user can get wrong before any
+work starts, lets ``Trainer.predict`` drive the method over the inputs (accelerator, devices,
+precision and the progress bar are Lightning's), and writes the outputs (``vizkit.output``). The
+method itself only sees tensors.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vizkit import output
+from vizkit.data import Sample, load_samples
+from vizkit.errors import ConfigError
+from vizkit.methods.base import AttributionMethod, Method
+from vizkit.models import class_label, class_names, data_config, load_model
+from vizkit.pixels import PixelSpace
+from vizkit.registry import method_from_config
+from vizkit.targets import TargetSpec, parse_target, resolve_spec
+
+
+class _Samples(Dataset):
+    def __init__(self, samples: list[Sample]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.samples[index].pixels, index
+
+
+def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: TargetSpec, pixels: PixelSpace):
+    import pytorch_lightning as pl
+
+    class AttributionTask(pl.LightningModule):
+        """Clean forward (predictions, the 'predicted' target), then the method, per batch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.mean, self.std = pixels.mean, pixels.std
+
+        def predict_step(self, batch, batch_idx):
+            images, indices = batch
+            space = PixelSpace(self.mean.to(images.device), self.std.to(images.device))
+            x = space.from_pixels(images)
+            with torch.no_grad():
+                logits = self.model(x)
+            target = resolve_spec(spec, self.model, x.shape[0], predicted=logits.argmax(1))
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            with torch.enable_grad():  # Lightning predicts without grad; gradient methods need it
+                maps = method.attribute(self.model, x, target, mean=space.mean, std=space.std)
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            return {
+                "indices": indices.cpu(),
+                "probabilities": logits.float().softmax(1).cpu(),
+                "maps": maps.float().cpu(),
+                "target_kind": target.kind,
+                "target_indices": target.indices.cpu() if target.kind == "class" else None,
+                "target_spec": str(target),
+                "seconds": seconds,
+            }
+
+    return AttributionTask()
+
+
+def _trainer(trainer_cfg: Any, run_dir: Path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
+    # Lightning's tips and device banner go to INFO; vizkit says which device it used itself
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logger = TensorBoardLogger(save_dir=str(run_dir), name=output.TENSORBOARD_DIR, version="", default_hp_metric=False)
+    try:
+        trainer = pl.Trainer(
+            accelerator=trainer_cfg.get("accelerator", "auto"),
+            devices=trainer_cfg.get("devices", 1),
+            strategy=trainer_cfg.get("strategy", "auto"),
+            precision=trainer_cfg.get("precision", "32-true"),
+            inference_mode=False,  # with torch.enable_grad() in predict_step: gradients inside prediction
+            logger=logger,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=bool(trainer_cfg.get("progress_bar", True)),
+            default_root_dir=str(run_dir),
+        )
+    except (ValueError, RuntimeError, TypeError) as error:  # Lightning's own messages are clear
+        raise ConfigError(f"trainer: {error}") from None
+    return trainer, logger
+
+
+def _top5(probabilities: torch.Tensor, names: list[str] | None) -> list[dict[str, Any]]:
+    values, indices = probabilities.topk(min(5, probabilities.numel()))
+    return [{"index": int(i), "name": class_label(names, int(i)), "probability": float(p)} for p, i in zip(values, indices)]
+
+
+def _target_record(batch: dict[str, Any], row: int, names: list[str] | None) -> dict[str, Any]:
+    if batch["target_kind"] == "class":
+        index = int(batch["target_indices"][row])
+        return {"kind": "class", "index": index, "name": class_label(names, index)}
+    return {"kind": batch["target_kind"], "spec": batch["target_spec"]}
+
+
+def run(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """Execute one run described by a composed config; returns what was written to results.json."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    output.check_fresh(run_dir)
+    method = method_from_config(cfg.method)
+    spec = parse_target(cfg.get("target", "predicted"))
+    if not isinstance(method, AttributionMethod):
+        raise ConfigError(f"method '{method.name}' is of kind '{method.kind}', which this vizkit's runner does not run yet; attribution methods run")
+    target_kind = "class" if spec.kind == "predicted" else spec.kind
+    if target_kind not in method.target_kinds:
+        raise ConfigError(f"{method.name} cannot explain a {target_kind} target ('{spec}'); it takes: {', '.join(sorted(method.target_kinds))}")
+    if cfg.get("seed") is not None:
+        torch.manual_seed(int(cfg.seed))
+
+    model_cfg = cfg.model
+    model = load_model(model_cfg.name, pretrained=bool(model_cfg.get("pretrained", False)),
+                       checkpoint=model_cfg.get("checkpoint"), num_classes=model_cfg.get("num_classes"))
+    if spec.kind != "predicted":
+        resolve_spec(spec, model, 1, predicted=None)  # an unknown layer or class fails now, before any work
+    names = class_names(model)
+    model_data = data_config(model)
+    loaded = time.perf_counter()
+    samples = load_samples(cfg.data, model_data)
+    read = time.perf_counter()
+
+    pixels = PixelSpace.from_stats(model_data["mean"], model_data["std"])
+    task = _attribution_task(model, method, spec, pixels)
+    trainer, logger = _trainer(cfg.get("trainer", {}), run_dir)
+    loader = DataLoader(_Samples(samples), batch_size=int(cfg.data.get("batch_size", 8)), shuffle=False)
+    batches = trainer.predict(task, dataloaders=loader)
+    computed = time.perf_counter()
+
+    writer = output.RunWriter(run_dir, method.name, logger.experiment)
+    records: list[dict[str, Any]] = [None] * len(samples)  # type: ignore[list-item]
+    method_seconds = 0.0
+    for batch in batches:
+        method_seconds += batch["seconds"]
+        per_input = batch["seconds"] / len(batch["indices"])
+        for row, index in enumerate(batch["indices"].tolist()):
+            sample = samples[index]
+            png = writer.add_attribution(sample.name, sample.pixels, batch["maps"][row])
+            records[index] = {
+                "name": sample.name,
+                "source": sample.source,
+                "label": sample.label,
+                "label_name": class_label(names, sample.label) if sample.label is not None else None,
+                "top5": _top5(batch["probabilities"][row], names),
+                "target": _target_record(batch, row, names),
+                "png": png,
+                "seconds": per_input,
+            }
+
+    metrics: dict[str, float] = {}
+    labelled = [r for r in records if r["label"] is not None]
+    if labelled:
+        metrics["top1_accuracy"] = sum(r["top5"][0]["index"] == r["label"] for r in labelled) / len(labelled)
+    timings = {
+        "model_load_seconds": loaded - started,
+        "data_seconds": read - loaded,
+        "method_seconds": method_seconds,
+        "predict_seconds": computed - read,
+        "seconds_per_input": method_seconds / max(len(samples), 1),
+    }
+    writer.add_scalars({f"{method.name}/seconds_per_input": timings["seconds_per_input"], **{f"metrics/{k}": v for k, v in metrics.items()}})
+    hparams = {"method": method.name, **{f"method.{k}": v for k, v in asdict(method.config).items()},
+               "model": str(model_cfg.name), "target": str(spec), "data": str(cfg.data.get("kind")), "inputs": len(samples)}
+    logger.log_hyperparams(hparams, metrics={"hparams/seconds_per_input": timings["seconds_per_input"],
+                                             **{f"hparams/{k}": v for k, v in metrics.items()}})
+    results = {
+        "method": {"name": method.name, "kind": method.kind, "config": asdict(method.config)},
+        "model": {"name": str(model_cfg.name), "pretrained": bool(model_cfg.get("pretrained", False)),
+                  "checkpoint": model_cfg.get("checkpoint"), "num_classes": len(batch["probabilities"][0]) if batches else None,
+                  "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_data.items()}},
+        "target": str(spec),
+        "inputs": records,
+        "metrics": metrics,
+        "timings": {**timings, "run_seconds": time.perf_counter() - started},
+    }
+    writer.finish(results)
+    logger.finalize("success")
+    return results
