@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """vizkit benchmarks: each method against its floor (the bare passes it needs) and a peer (captum).
 
-    python benchmarks/run.py [--quick] [--rows saliency,occlusion,...] [--out FILE]
+    python benchmarks/run.py [--quick] [--rows saliency,occlusion,...] [--stages method,runner] [--out FILE]
 
 Prints one JSON line per row (the first line is the machine canary and the versions); see
 benchmarks/README.md for the columns. Everything runs on 1 torch thread (PITFALLS.md: with 2 threads
@@ -44,64 +44,81 @@ def set_threads() -> None:
 
 
 @dataclass
-class Row:
-    method: str
-    batch: int
-    size: int
-    stage: str  # "method": the Python API alone; "runner": a whole `vizkit` run, start-up excluded
-    seconds: float  # median
-    floor_seconds: float  # median
-    peer: str | None = None
-    peer_seconds: float | None = None
-    repeats: int = 1
-    seconds_min: float | None = None
-    floor_min: float | None = None
-    peer_min: float | None = None
-    passes: int | None = None  # occlusion: images forwarded (clean + one per window per image)
-    settings: dict[str, Any] = field(default_factory=dict)
-    note: str | None = None
-    model: str = MODEL
-    threads: int = THREADS
+class Timing:
+    """Per-call seconds of one function: wall clock and this process's CPU time (with 1 thread the two
+    agree unless another process took the core; a busy neighbour still slows both through shared caches)."""
 
-    def to_json(self) -> str:
-        ratio = self.seconds / self.floor_seconds
-        peer_ratio = self.seconds / self.peer_seconds if self.peer_seconds else None
-        head = {"method": self.method, "model": self.model, "batch": self.batch, "size": self.size,
-                "threads": self.threads, "stage": self.stage, "seconds": self.seconds,
-                "floor_seconds": self.floor_seconds, "ratio": ratio, "peer": self.peer,
-                "peer_seconds": self.peer_seconds, "peer_ratio": peer_ratio, "repeats": self.repeats}
-        tail = {k: v for k, v in (("seconds_min", self.seconds_min), ("floor_min", self.floor_min),
-                                  ("peer_min", self.peer_min), ("passes", self.passes),
-                                  ("settings", self.settings or None), ("note", self.note)) if v is not None}
-        return json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in {**head, **tail}.items()})
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
 
 
-def time_alternating(fns: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
-    """Seconds per call of each fn, calling them in turn (a, b, c, a, b, c, ...) so drift hits all alike."""
+def time_alternating(fns: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True) -> dict[str, Timing]:
+    """Time each fn, calling them in turn (a, b, c, a, b, c, ...) so machine drift hits all alike."""
     set_threads()
     gc.collect()
     if warmup:
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times = {name: Timing() for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            started = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - started)
+            times[name].cpu.append(time.process_time() - cpu)
+            times[name].wall.append(time.perf_counter() - wall)
     return times
 
 
-def summarize(times: dict[str, list[float]]) -> dict[str, float]:
-    out = {}
-    for name, values in times.items():
-        out[name] = statistics.median(values)
-        out[name + "_min"] = min(values)
-    return out
+@dataclass
+class Row:
+    method: str
+    batch: int
+    size: int
+    stage: str  # "method": the Python API alone; "runner": a whole `vizkit` run, start-up excluded
+    seconds: float  # median wall seconds
+    floor_seconds: float
+    peer: str | None = None
+    peer_seconds: float | None = None
+    repeats: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)  # mins, CPU-time figures, passes, settings, note
+    model: str = MODEL
+    threads: int = THREADS
+
+    @classmethod
+    def timed(cls, method: str, x: torch.Tensor, times: dict[str, Timing], peer: str, **extra: Any) -> "Row":
+        """A method-stage row from `time_alternating` over "method", "floor" and "peer"."""
+        cpu = {k: statistics.median(times[k].cpu) for k in ("method", "floor", "peer")}
+        paired = statistics.median(m / f for m, f in zip(times["method"].wall, times["floor"].wall))
+        extra = {"seconds_min": min(times["method"].wall), "floor_min": min(times["floor"].wall),
+                 "peer_min": min(times["peer"].wall), "paired_ratio": paired, **extra,
+                 "cpu": {"seconds": cpu["method"], "floor_seconds": cpu["floor"], "ratio": cpu["method"] / cpu["floor"],
+                         "peer_seconds": cpu["peer"], "peer_ratio": cpu["method"] / cpu["peer"]}}
+        return cls(method, x.shape[0], x.shape[-1], "method", times["method"].median, times["floor"].median,
+                   peer, times["peer"].median, len(times["method"].wall), extra)
+
+    def to_json(self) -> str:
+        peer_ratio = self.seconds / self.peer_seconds if self.peer_seconds else None
+        row = {"method": self.method, "model": self.model, "batch": self.batch, "size": self.size,
+               "threads": self.threads, "stage": self.stage, "seconds": self.seconds,
+               "floor_seconds": self.floor_seconds, "ratio": self.seconds / self.floor_seconds, "peer": self.peer,
+               "peer_seconds": self.peer_seconds, "peer_ratio": peer_ratio, "repeats": self.repeats, **self.extra}
+        return json.dumps(_rounded(row))
 
 
-def canary(calls: int = 10, repeats: int = 5) -> float:
-    """Median seconds of `calls` forwards of one fixed 3x3 conv (resnet18's layer1 shape)."""
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 5)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
+def canary(calls: int = 10, repeats: int = 5) -> Timing:
+    """Seconds of `calls` forwards of one fixed 3x3 conv (resnet18's layer1 shape)."""
     set_threads()
     generator = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
@@ -114,7 +131,7 @@ def canary(calls: int = 10, repeats: int = 5) -> float:
             for _ in range(calls):
                 conv(x)
 
-    return statistics.median(time_alternating({"canary": run}, repeats)["canary"])
+    return time_alternating({"canary": run}, repeats)["canary"]
 
 
 def make_model() -> nn.Module:
@@ -171,11 +188,10 @@ def gradient_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Ten
         "floor": lambda: gradient_floor(model, x, target),
         "peer": lambda: peer.attribute(x, target=target, **peer_kwargs),
     }, repeats)
-    s = summarize(times)
-    return Row(name, x.shape[0], x.shape[-1], "method", s["method"], s["floor"], peer_name, s["peer"], repeats,
-               s["method_min"], s["floor_min"], s["peer_min"],
-               note="floor: model(x)[range(B), target].sum() then autograd.grad w.r.t. x"
-                    + ("; captum gets a copy with inplace=False ReLUs" if name != "saliency" else ""))
+    note = "floor: model(x)[range(B), target].sum() then autograd.grad w.r.t. x"
+    if name != "saliency":
+        note += "; captum gets a copy with inplace=False ReLUs"
+    return Row.timed(name, x, times, peer_name, note=note)
 
 
 # ------------------------------------------------------------------ occlusion
@@ -198,15 +214,15 @@ def occlusion_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, windo
     for i, (top, left) in enumerate((top, left) for top in ys for left in xs):
         masks[i, :, top:top + window, left:left + window] = True
 
-    # the floor's inputs, built outside the timing, in the method's order and chunks
+    # the floor's inputs, built outside the timing, in the method's order (image-major), then chunked
     pairs = torch.tensor([(b, w) for b in range(batch) for w in range(len(masks))])
-    chunks = [torch.where(masks[p[:, 1]], fill, x[p[:, 0]]) for p in pairs.split(chunk)]
+    perturbed = torch.where(masks[pairs[:, 1]], fill, x[pairs[:, 0]])
 
-    def floor():
+    def floor(images_per_forward: int = chunk):
         with torch.no_grad():
             model(x)
-            for perturbed in chunks:
-                model(perturbed)
+            for inputs in perturbed.split(images_per_forward):
+                model(inputs)
 
     forward = lambda t: model(t).softmax(1)
     peer = Occlusion(forward)
@@ -218,25 +234,21 @@ def occlusion_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, windo
 
     # captum's best setting: perturbations_per_eval giving 8, 16 or 32 images per forward, timed once each
     candidates = sorted({max(1, images // batch) for images in (8, 16, 32)})
-    tried = {}
-    for per_eval in candidates:
-        set_threads()
-        started = time.perf_counter()
-        run_peer(per_eval)
-        tried[per_eval] = time.perf_counter() - started
-    best = min(tried, key=tried.get)
+    tried = {str(n): time_alternating({"peer": lambda n=n: run_peer(n)}, 1, warmup=False)["peer"].cpu[0] for n in candidates}
+    best = int(min(tried, key=tried.get))  # by CPU time: least disturbed by other processes
 
     times = time_alternating({
         "method": lambda: method.attribute(model, x, target),
         "floor": floor,
         "peer": lambda: run_peer(best),
+        "floor_chunk8": lambda: floor(8),  # not the floor: what the same passes cost in chunks of 8 images
     }, repeats, warmup)
-    s = summarize(times)
     settings = {"window": window, "stride": stride, "windows": len(masks), "batch_size": chunk, "fill": method.config.fill,
-                "peer_perturbations_per_eval": best, "peer_tried": {str(k): round(v, 4) for k, v in tried.items()}}
-    return Row("occlusion", batch, x.shape[-1], "method", s["method"], s["floor"], "captum.Occlusion(softmax)", s["peer"],
-               repeats, s["method_min"], s["floor_min"], s["peer_min"], passes=batch * (1 + len(masks)), settings=settings,
-               note=f"floor: clean forward + pre-built perturbed inputs forwarded in chunks of {chunk}, no_grad")
+                "peer_perturbations_per_eval": best, "peer_tried": tried}
+    chunk8 = times["floor_chunk8"].median
+    return Row.timed("occlusion", x, times, "captum.Occlusion(softmax)", passes=batch * (1 + len(masks)), settings=settings,
+                     floor_chunk8_seconds=chunk8, ratio_vs_floor_chunk8=times["method"].median / chunk8,
+                     note=f"floor: clean forward + pre-built perturbed inputs forwarded in chunks of {chunk}, no_grad")
 
 
 # ------------------------------------------------------------------ whole runs
@@ -264,11 +276,11 @@ def runner_row(name: str, images: Path, workdir: Path, overrides: list[str]) -> 
         raise RuntimeError(f"vizkit {name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     timings = json.loads((run_dir / "results.json").read_text())["timings"]
     seconds = timings["run_seconds"] - timings["model_load_seconds"]
-    settings = {"overrides": overrides, "timings": {k: round(v, 4) for k, v in timings.items()}, "wall_seconds": round(wall, 3)}
-    return Row(name, 8, 224, "runner", seconds, timings["method_seconds"], settings=settings,
-               note="seconds = run_seconds - model_load_seconds (data, Trainer, predict incl. its clean forward, "
-                    "PNG/TensorBoard/results.json writing); floor = method_seconds; one run in a subprocess, "
-                    "OMP_NUM_THREADS=1; the runner's resnet18 keeps timm's zero BatchNorm gammas")
+    note = ("seconds = run_seconds - model_load_seconds (data, Trainer, predict incl. its clean forward, "
+            "PNG/TensorBoard writing = write_seconds where the runner reports it); floor = method_seconds; one run in a subprocess with "
+            "OMP_NUM_THREADS=1; the runner's resnet18 keeps timm's zero BatchNorm gammas")
+    extra = {"settings": {"overrides": overrides}, "timings": timings, "wall_seconds": wall, "note": note}
+    return Row(name, 8, 224, "runner", seconds, timings["method_seconds"], extra=extra)
 
 
 # ------------------------------------------------------------------ main
@@ -278,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1, 64 px, few repeats, method stage only (< 60 s)")
     parser.add_argument("--rows", default=",".join(METHODS), help="comma-separated methods (default: all four)")
+    parser.add_argument("--stages", default="method,runner", help="method (the Python API), runner (whole runs); --quick: method")
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.rows.split(",") if m.strip()]
@@ -302,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     rows: list[Row] = []
     model = make_model()
-    for batch in batches:
+    stages = {"method"} if args.quick else {s.strip() for s in args.stages.split(",")}
+    for batch in batches if "method" in stages else ():
         x, target = make_input(batch, size)
         for name in methods:
             set_threads()
@@ -312,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = gradient_row(name, model, x, target, repeats[batch])
             rows.append(row)
             progress(row)
-    if not args.quick:
+    if "runner" in stages:
         with tempfile.TemporaryDirectory(prefix="vizkit-bench-") as tmp:
             workdir = Path(tmp)
             write_images(workdir / "images")
@@ -326,16 +340,17 @@ def main(argv: list[str] | None = None) -> None:
     import captum
     import timm
 
-    head = {"canary_start": canary_start, "canary_end": canary_end,
-            "canary": "median of 5 x (10 forwards of Conv2d(64,64,3) on [1,64,56,56])",
+    head = {"canary_start": canary_start.median, "canary_end": canary_end.median,
+            "canary_cpu_start": statistics.median(canary_start.cpu), "canary_cpu_end": statistics.median(canary_end.cpu),
+            "canary": "median of 5 x (10 forwards of Conv2d(64,64,3) on [1,64,56,56]), wall and process CPU seconds",
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": THREADS,
             "cpus": os.cpu_count(), "machine": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "timm": timm.__version__, "captum": captum.__version__,
             "quick": args.quick, "total_seconds": time.perf_counter() - started}
-    lines = [json.dumps(head)] + [row.to_json() for row in rows]
-    print("\n".join(lines), flush=True)
+    lines = [json.dumps(_rounded(head))] + [row.to_json() for row in rows]
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

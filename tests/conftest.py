@@ -79,6 +79,17 @@ def images_in(run_dir: Path) -> dict[str, list]:
     return tags
 
 
+def hparams_in(run_dir: Path) -> dict[str, bytes]:
+    """The hparams plugin's records (tags -> serialized content) over all event files of the run."""
+    content: dict[str, bytes] = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        try:
+            content.update(read_events(events).PluginTagToContent("hparams"))
+        except KeyError:  # this event file holds no hparams records
+            pass
+    return content
+
+
 def write_image(path: Path, size=(80, 60), mode="RGB", seed=0) -> Path:
     import numpy as np
     from PIL import Image

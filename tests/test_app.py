@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import images_in, read_events
+from conftest import hparams_in, images_in
 
 from vizkit.models import embedded_card
 
@@ -41,9 +41,7 @@ def test_method_config_is_logged_as_hparams(vizkit_cli):
     results = run.results
     assert results["method"]["config"] | {"window": 16, "stride": 8} == results["method"]["config"]
     assert {r["target"]["index"] for r in results["inputs"]} == {3}
-    hparams = {}
-    for events in (run.run_dir / "tensorboard").glob("events.out.tfevents.*"):
-        hparams.update(read_events(events).PluginTagToContent("hparams"))
+    hparams = hparams_in(run.run_dir)
     assert "_hparams_/session_start_info" in hparams
     start = hparams["_hparams_/session_start_info"].decode("latin-1")
     assert "method.window" in start and "occlusion" in start
@@ -80,3 +78,19 @@ def test_third_party_plugin_runs_through_vizkit(vizkit_cli):
     assert run.returncode == 0, run.stderr
     assert run.results["method"]["name"] == "rise"
     assert run.results["method"]["config"]["masks"] == 64
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_give_the_same_results_as_one(vizkit_cli):
+    import numpy as np
+
+    common = ("data=shapes", "data.count=5", "data.batch_size=2", "trainer.accelerator=cpu")
+    single = vizkit_cli(*common)
+    double = vizkit_cli(*common, "trainer.devices=2", "trainer.strategy=ddp")
+    assert single.returncode == 0 and double.returncode == 0, double.stderr
+    assert [r["name"] for r in double.results["inputs"]] == [r["name"] for r in single.results["inputs"]]
+    with np.load(single.run_dir / "maps.npz") as one, np.load(double.run_dir / "maps.npz") as two:
+        assert sorted(one.files) == sorted(two.files)
+        for name in one.files:
+            np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6)
+    assert not list(double.run_dir.glob(".rank*.pt"))

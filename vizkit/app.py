@@ -82,8 +82,10 @@ def _main(cfg: DictConfig) -> None:
     except VizkitError as error:
         print(f"vizkit: error: {error}", file=sys.stderr)  # user-facing
         sys.exit(2)
+    if results is None:  # a secondary rank of a multi-device run
+        return
     count = len(results["inputs"])
-    print(f"vizkit: {results['method']['name']} on {count} input(s) -> {run_dir}")  # user-facing
+    print(f"vizkit: {results['method']['name']} on {count} input(s), {results['device']} -> {run_dir}")  # user-facing
     print(f"vizkit: review with: tensorboard --logdir {_review_dir(run_dir)}")  # user-facing
 
 

@@ -42,15 +42,17 @@ class RunWriter:
 
     def add_attribution(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor) -> str:
         """Log one input's map; returns the PNG's path relative to the run directory."""
+        heat = render.colorize(attribution)
         pictures = {
             "input": render.to_uint8(pixels),
-            "map": render.colorize(attribution),
-            "overlay": render.overlay(pixels, attribution),
+            "map": heat,
+            "overlay": render.overlay(pixels, attribution, heat=heat),
         }
         for part, picture in pictures.items():
             self.writer.add_image(f"{self.method_name}/{name}/{part}", picture, dataformats="HWC")
         relative = f"images/{name}.png"
-        Image.fromarray(render.panel(list(pictures.values()))).save(self.run_dir / relative)
+        # fast zlib level: the panel is for looking at, and encoding dominated small runs
+        Image.fromarray(render.panel(list(pictures.values()))).save(self.run_dir / relative, compress_level=1)
         self.maps[name] = attribution.float().cpu().numpy()
         return relative
 
@@ -60,7 +62,7 @@ class RunWriter:
 
     def finish(self, results: dict[str, Any]) -> Path:
         if self.maps:
-            np.savez_compressed(self.run_dir / "maps.npz", **self.maps)
+            np.savez(self.run_dir / "maps.npz", **self.maps)
         path = self.run_dir / RESULTS
         with open(path, "x") as file:  # "x": never replace an earlier run's results
             json.dump(results, file, indent=2)

@@ -50,15 +50,17 @@ class _RuleReLU(torch.autograd.Function):
         else:
             output = x.clamp(min=0)
         ctx.rule = rule
-        ctx.save_for_backward(output > 0)
+        if rule == "guided":  # the deconvnet rule never looks at the forward pass
+            ctx.save_for_backward(output)
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (forward_positive,) = ctx.saved_tensors
         gradient = grad_output.clamp(min=0)
         if ctx.rule == "guided":
-            gradient = gradient * forward_positive
+            (output,) = ctx.saved_tensors
+            # ReLU's own backward kernel: zero where the forward output was not positive
+            gradient = torch.ops.aten.threshold_backward(gradient, output, 0)
         return gradient, None, None
 
 

@@ -35,11 +35,11 @@ def colorize(attribution: torch.Tensor) -> np.ndarray:
     return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
-def overlay(pixels: torch.Tensor, attribution: torch.Tensor, opacity: float = 0.55) -> np.ndarray:
-    """The colorized map blended over the image, weighted by the map's magnitude so that
-    unimportant regions show the image itself."""
+def overlay(pixels: torch.Tensor, attribution: torch.Tensor, opacity: float = 0.55, heat: np.ndarray | None = None) -> np.ndarray:
+    """The colorized map (``heat``, computed when not given) blended over the image, weighted by the
+    map's magnitude so that unimportant regions show the image itself."""
     image = to_uint8(pixels).astype(np.float32)
-    heat = colorize(attribution).astype(np.float32)
+    heat = (colorize(attribution) if heat is None else heat).astype(np.float32)
     magnitude = attribution.detach().float().abs().amax(0).cpu()
     weight = (magnitude / magnitude.max().clamp_min(1e-12)).numpy()[..., None] * opacity
     return (image * (1 - weight) + heat * weight + 0.5).astype(np.uint8)

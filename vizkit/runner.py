@@ -24,7 +24,7 @@ from vizkit.methods.base import AttributionMethod, Method
 from vizkit.models import class_label, class_names, data_config, load_model
 from vizkit.pixels import PixelSpace
 from vizkit.registry import method_from_config
-from vizkit.targets import TargetSpec, parse_target, resolve_spec
+from vizkit.targets import PredictedClassTarget, TargetSpec, parse_target, resolve_spec
 
 
 class _Samples(Dataset):
@@ -53,9 +53,8 @@ def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: T
             images, indices = batch
             space = PixelSpace(self.mean.to(images.device), self.std.to(images.device))
             x = space.from_pixels(images)
-            with torch.no_grad():
-                logits = self.model(x)
-            target = resolve_spec(spec, self.model, x.shape[0], predicted=logits.argmax(1))
+            # 'predicted' reads the classes from the method's own first forward on x (no extra pass)
+            target = PredictedClassTarget(self.model, x) if spec.kind == "predicted" else resolve_spec(spec, self.model, x.shape[0])
             if images.device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
@@ -64,6 +63,10 @@ def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: T
             if images.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
+            logits = getattr(target, "clean_logits", None)
+            if logits is None:  # the method never ran the model on x itself (e.g. a channel target)
+                with torch.no_grad():
+                    logits = self.model(x)
             return {
                 "indices": indices.cpu(),
                 "probabilities": logits.float().softmax(1).cpu(),
@@ -117,14 +120,39 @@ def _target_record(batch: dict[str, Any], row: int, names: list[str] | None) -> 
     return {"kind": batch["target_kind"], "spec": batch["target_spec"]}
 
 
-def run(cfg: Any, run_dir: Path) -> dict[str, Any]:
-    """Execute one run described by a composed config; returns what was written to results.json."""
+def _gather(trainer: Any, batches: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]] | None:
+    """All ranks' predictions on rank 0 (None elsewhere).
+
+    ``trainer.predict`` returns only the local rank's batches, and the distributed sampler splits the
+    inputs unevenly without padding; each batch carries its inputs' indices, so rank files merge
+    exactly. Single-process runs pass straight through.
+    """
+    if trainer.world_size == 1:
+        return batches
+    part = run_dir / f".rank{trainer.global_rank}.pt"
+    torch.save(batches, part)
+    trainer.strategy.barrier("vizkit-gather")
+    if trainer.global_rank != 0:
+        return None
+    merged = []
+    for rank in range(trainer.world_size):
+        path = run_dir / f".rank{rank}.pt"
+        merged += torch.load(path, weights_only=True)  # our own tensors, dicts, strings and floats
+        path.unlink()
+    return merged
+
+
+def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
+    """Execute one run described by a composed config; returns what was written to results.json
+    (None on the non-zero ranks of a multi-device run)."""
     started = time.perf_counter()
+    import pytorch_lightning  # noqa: F401  (start-up cost, counted with the model load, not the work)
+
     run_dir = Path(run_dir)
     output.check_fresh(run_dir)
     method = method_from_config(cfg.method)
     spec = parse_target(cfg.get("target", "predicted"))
-    if not isinstance(method, AttributionMethod):
+    if method.kind != "attribution" or not isinstance(method, AttributionMethod):
         raise ConfigError(f"method '{method.name}' is of kind '{method.kind}', which this vizkit's runner does not run yet; attribution methods run")
     target_kind = "class" if spec.kind == "predicted" else spec.kind
     if target_kind not in method.target_kinds:
@@ -147,8 +175,10 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any]:
     task = _attribution_task(model, method, spec, pixels)
     trainer, logger = _trainer(cfg.get("trainer", {}), run_dir)
     loader = DataLoader(_Samples(samples), batch_size=int(cfg.data.get("batch_size", 8)), shuffle=False)
-    batches = trainer.predict(task, dataloaders=loader)
+    batches = _gather(trainer, trainer.predict(task, dataloaders=loader), run_dir)
     computed = time.perf_counter()
+    if batches is None:  # a non-zero rank of a multi-device run: rank 0 writes everything
+        return None
 
     writer = output.RunWriter(run_dir, method.name, logger.experiment)
     records: list[dict[str, Any]] = [None] * len(samples)  # type: ignore[list-item]
@@ -192,9 +222,10 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any]:
                   "checkpoint": model_cfg.get("checkpoint"), "num_classes": len(batch["probabilities"][0]) if batches else None,
                   "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_data.items()}},
         "target": str(spec),
+        "device": str(trainer.strategy.root_device),
         "inputs": records,
         "metrics": metrics,
-        "timings": {**timings, "run_seconds": time.perf_counter() - started},
+        "timings": {**timings, "write_seconds": time.perf_counter() - computed, "run_seconds": time.perf_counter() - started},
     }
     writer.finish(results)
     logger.finalize("success")

@@ -89,13 +89,24 @@ class ClassTarget:
     kind: str = field(default="class", init=False)
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
+        return self._checked(model(x))
+
+    def _checked(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 2:
             raise ConfigError(f"a class target needs a model that outputs [B, classes] logits, got shape {tuple(logits.shape)}")
+        if logits.shape[0] != self.indices.shape[0]:
+            raise ConfigError(f"{self.indices.shape[0]} class targets for a batch of {logits.shape[0]}")
         bad = self.indices[(self.indices < 0) | (self.indices >= logits.shape[1])]
         if bad.numel():
             raise ConfigError(f"class index {int(bad[0])} is out of range: the model has {logits.shape[1]} classes (0..{logits.shape[1] - 1})")
         return logits
+
+    def take(self, rows: torch.Tensor) -> "ClassTarget":
+        """The targets of some inputs, in order (e.g. one per perturbed copy of an input)."""
+        return ClassTarget(self.indices[rows.to(self.indices.device)], self.names)
+
+    def to(self, device: Any) -> "ClassTarget":
+        return ClassTarget(self.indices.to(device), self.names)
 
     def select(self, logits_or_probs: torch.Tensor) -> torch.Tensor:
         return logits_or_probs.gather(1, self.indices.to(logits_or_probs.device).view(-1, 1)).squeeze(1)
@@ -106,6 +117,50 @@ class ClassTarget:
     def __str__(self) -> str:
         indices = self.indices.tolist()
         return "class:" + ",".join(str(i) for i in (indices if len(set(indices)) > 1 else indices[:1]))
+
+
+class PredictedClassTarget(ClassTarget):
+    """Each input's top-1 class, read from the first forward a method makes on the clean input.
+
+    Gradient methods and occlusion start with exactly that forward, so the prediction costs no pass
+    of its own (and ``clean_logits`` serves the runner's top-5). A method that first touches
+    ``indices`` or runs on other inputs gets them from one no-grad forward of its own, as before.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_x", x)
+        object.__setattr__(self, "_indices", None)
+        object.__setattr__(self, "names", ())
+        object.__setattr__(self, "clean_logits", None)
+
+    @property
+    def indices(self) -> torch.Tensor:  # type: ignore[override]
+        if self._indices is None:
+            with torch.no_grad():
+                self._record(self._model(self._x))
+        return self._indices
+
+    def _record(self, logits: torch.Tensor) -> None:
+        object.__setattr__(self, "clean_logits", logits.detach())
+        object.__setattr__(self, "_indices", logits.detach().argmax(1))
+
+    def _is_clean_input(self, model: nn.Module, x: torch.Tensor) -> bool:
+        # same storage, shape and strides as the clean batch (methods pass x.detach() views of it)
+        clean = self._x
+        return model is self._model and x.data_ptr() == clean.data_ptr() and x.shape == clean.shape and x.stride() == clean.stride()
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        if self._indices is None and logits.dim() == 2 and self._is_clean_input(model, x):
+            self._record(logits)
+        return self._checked(logits)
+
+    def to(self, device: Any) -> "ClassTarget":
+        return self if self._x.device == torch.device(device) else ClassTarget(self.indices.to(device))
+
+    def __repr__(self) -> str:
+        return "PredictedClassTarget()" if self._indices is None else f"PredictedClassTarget({self._indices.tolist()})"
 
 
 @dataclass(frozen=True)
@@ -228,8 +283,7 @@ def resolve_target(target: Any, model: nn.Module, x: torch.Tensor) -> Target:
         return target
     batch_size = x.shape[0]
     if target is None or (isinstance(target, str) and target.strip().lower() == "predicted"):
-        with torch.no_grad():
-            return ClassTarget(model(x).argmax(1))
+        return PredictedClassTarget(model, x.detach())
     if isinstance(target, TargetSpec):
         return resolve_spec(target, model, batch_size)
     if isinstance(target, str):

@@ -24,6 +24,20 @@ class below that does its argument handling, so a method file is only its idea:
 
 * ``AttributionMethod``: implement ``compute(model, x, target, pixels) -> [B,1,H,W]`` (or ``[B,C,H,W]``);
   callers use ``attribute(model, x, target)``.
+
+What ``compute`` can rely on, and what it owes:
+
+* ``x`` is detached, on the model's device; a class ``target`` has its indices on that device too.
+  ``target.score(model, x)`` gives one differentiable number per input; for a class target,
+  ``target.logits(model, x)`` and ``target.select(...)`` split that, and ``target.take(rows)`` gives
+  the targets of perturbed copies (``rows`` = which input each copy came from).
+* Gradients are enabled (the runner predicts inside ``torch.enable_grad()``); a method that needs none
+  wraps its forwards in ``torch.no_grad()``. Under ``trainer.precision=bf16-mixed`` the runner's
+  forward runs under autocast: accumulate in float32 and return float maps.
+* Never modify the model (hooks, flags, modes): use ``vizkit.hooks`` context managers.
+* A method with randomness takes a ``seed`` field and draws from its own ``torch.Generator``; the
+  global RNG is never touched, so a result does not depend on what ran before.
+* A method with many forward passes batches them itself (a ``batch_size`` field, as occlusion).
 """
 from __future__ import annotations
 
@@ -109,6 +123,8 @@ class AttributionMethod(Method):
                 f"{self.name} cannot explain a {resolved.kind} target ({resolved}); "
                 f"it takes: {', '.join(sorted(self.target_kinds))}"
             )
+        if resolved.kind == "class":
+            resolved = resolved.to(x.device)
         pixels = PixelSpace.for_model(model, mean=mean, std=std, device=x.device)
         return self.compute(model, x.detach(), resolved, pixels).detach()
 

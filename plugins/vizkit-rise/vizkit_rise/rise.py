@@ -30,13 +30,14 @@ on how images are batched. CPU and CUDA generators give different mask sets for 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from vizkit.errors import ConfigError
 from vizkit.methods.base import AttributionMethod
+from vizkit.targets import ClassTarget
 
 
 @dataclass
@@ -118,5 +119,5 @@ class Rise(AttributionMethod):
     @staticmethod
     def _probability(model, images: torch.Tensor, target, indices: torch.Tensor) -> torch.Tensor:
         """Softmax probability of each image's target class, in float32: [n]."""
-        rows = replace(target, indices=indices)  # the same target for the rows of this forward
+        rows = ClassTarget(indices)  # the same classes for the masked copies in this forward
         return rows.select(rows.logits(model, images).float().softmax(1))
