@@ -1,6 +1,8 @@
 """The gradient of a target's score with respect to the input, and how colour channels are reduced."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -36,6 +38,12 @@ def reduce_channels(attribution: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ConfigError(f"unknown channel reduction '{reduction}'; choose one of: {', '.join(CHANNEL_REDUCTIONS)}")
 
 
-def check_reduction(method: str, reduction: str) -> None:
-    if reduction not in CHANNEL_REDUCTIONS:
-        raise ConfigError(f"{method}: reduce must be one of {', '.join(CHANNEL_REDUCTIONS)}, got '{reduction}'")
+@dataclass
+class ChannelReductionConfig:
+    """Config of the gradient methods: how colour channels become one map."""
+
+    reduce: str = "max_abs"  # max_abs (Simonyan et al. 2014), abs_sum, sum, none (keep [B,3,H,W], e.g. the signed RGB guided gradient)
+
+    def __post_init__(self) -> None:
+        if self.reduce not in CHANNEL_REDUCTIONS:
+            raise ConfigError(f"reduce must be one of {', '.join(CHANNEL_REDUCTIONS)}, got '{self.reduce}'")

@@ -107,8 +107,9 @@ def create_method(name: str, /, **fields: Any) -> Method:
         raise ConfigError(f"{name}: unknown field(s) {', '.join(unknown)}; its fields are: {', '.join(sorted(valid)) or '(none)'}")
     try:
         return entry.cls(**fields)
-    except TypeError as error:
-        raise ConfigError(f"{name}: {error}") from None
+    except (TypeError, ConfigError) as error:  # say which method the bad field belongs to
+        message = str(error)
+        raise ConfigError(message if message.startswith(f"{name}:") else f"{name}: {message}") from None
 
 
 def config_node(entry: MethodEntry) -> type:

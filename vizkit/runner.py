@@ -183,12 +183,13 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     writer = output.RunWriter(run_dir, method.name, logger.experiment)
     records: list[dict[str, Any]] = [None] * len(samples)  # type: ignore[list-item]
     method_seconds = 0.0
+    pngs = iter(writer.add_attributions([(samples[index].name, samples[index].pixels, batch["maps"][row])
+                                         for batch in batches for row, index in enumerate(batch["indices"].tolist())]))
     for batch in batches:
         method_seconds += batch["seconds"]
         per_input = batch["seconds"] / len(batch["indices"])
         for row, index in enumerate(batch["indices"].tolist()):
             sample = samples[index]
-            png = writer.add_attribution(sample.name, sample.pixels, batch["maps"][row])
             records[index] = {
                 "name": sample.name,
                 "source": sample.source,
@@ -196,7 +197,7 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
                 "label_name": class_label(names, sample.label) if sample.label is not None else None,
                 "top5": _top5(batch["probabilities"][row], names),
                 "target": _target_record(batch, row, names),
-                "png": png,
+                "png": next(pngs),
                 "seconds": per_input,
             }
 

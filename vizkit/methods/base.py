@@ -30,7 +30,9 @@ What ``compute`` can rely on, and what it owes:
 * ``x`` is detached, on the model's device; a class ``target`` has its indices on that device too.
   ``target.score(model, x)`` gives one differentiable number per input; for a class target,
   ``target.logits(model, x)`` and ``target.select(...)`` split that, and ``target.take(rows)`` gives
-  the targets of perturbed copies (``rows`` = which input each copy came from).
+  the targets of perturbed copies (``rows`` = which input each copy came from). The default
+  target, each input's predicted class, is read from the first ``target.logits(model, x)`` call on
+  the clean ``x``: start with that forward and the prediction costs no extra pass.
 * Gradients are enabled (the runner predicts inside ``torch.enable_grad()``); a method that needs none
   wraps its forwards in ``torch.no_grad()``. Under ``trainer.precision=bf16-mixed`` the runner's
   forward runs under autocast: accumulate in float32 and return float maps.
@@ -46,7 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from vizkit.errors import ConfigError
 
-if TYPE_CHECKING:  # torch stays out of the config-composition path (`vizkit --help` stays fast)
+if TYPE_CHECKING:  # the contract module itself needs no torch
     import torch
 
     from vizkit.pixels import PixelSpace

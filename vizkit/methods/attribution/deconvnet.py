@@ -6,18 +6,12 @@ guided backprop; with ``reduce=none`` the result equals captum's ``Deconvolution
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from vizkit.gradients import check_reduction
+from vizkit.gradients import ChannelReductionConfig
 from vizkit.methods.attribution.guided_backprop import GuidedBackprop
 
 
-@dataclass
-class DeconvnetConfig:
-    reduce: str = "max_abs"  # over colour channels: max_abs, abs_sum, sum, none (the signed RGB reconstruction)
-
-    def __post_init__(self) -> None:
-        check_reduction("deconvnet", self.reduce)
+class DeconvnetConfig(ChannelReductionConfig):
+    """deconvnet's fields: ``reduce`` over colour channels."""
 
 
 class Deconvnet(GuidedBackprop):

@@ -7,19 +7,13 @@ silently wrong map. With ``reduce=none`` the [B,3,H,W] result equals captum's ``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from vizkit.gradients import check_reduction, input_gradient, reduce_channels
+from vizkit.gradients import ChannelReductionConfig, input_gradient, reduce_channels
 from vizkit.methods.base import AttributionMethod
 from vizkit.relu_rules import relu_rule
 
 
-@dataclass
-class GuidedBackpropConfig:
-    reduce: str = "max_abs"  # over colour channels: max_abs, abs_sum, sum, none (the signed RGB guided gradient)
-
-    def __post_init__(self) -> None:
-        check_reduction("guided_backprop", self.reduce)
+class GuidedBackpropConfig(ChannelReductionConfig):
+    """guided_backprop's fields: ``reduce`` over colour channels."""
 
 
 class GuidedBackprop(AttributionMethod):

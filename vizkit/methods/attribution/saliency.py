@@ -7,18 +7,12 @@ or one neuron. Matches captum's ``Saliency(abs=True)`` followed by the max over 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from vizkit.gradients import check_reduction, input_gradient, reduce_channels
+from vizkit.gradients import ChannelReductionConfig, input_gradient, reduce_channels
 from vizkit.methods.base import AttributionMethod
 
 
-@dataclass
-class SaliencyConfig:
-    reduce: str = "max_abs"  # over colour channels: max_abs (the paper), abs_sum, sum, none (keep [B,3,H,W])
-
-    def __post_init__(self) -> None:
-        check_reduction("saliency", self.reduce)
+class SaliencyConfig(ChannelReductionConfig):
+    """saliency's fields: ``reduce`` over colour channels."""
 
 
 class Saliency(AttributionMethod):
