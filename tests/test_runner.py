@@ -52,12 +52,10 @@ def test_any_timm_model_on_user_images(compose, tmp_path):
 def test_attribution_maps_of_the_embedded_model_point_at_the_object(compose, tmp_path):
     """Sanity of the whole chain (data, normalization, model, method): occlusion's strongest drop lies on
     the object for most held-out images."""
-    import torch
-
     from vizkit.data import load_shapes
     from vizkit.models import data_config, load_model
 
-    results = run(compose("data=shapes", "data.count=12", "method=occlusion", "method.window=24", "method.stride=8", "method.score=logit"), tmp_path)
+    run(compose("data=shapes", "data.count=12", "method=occlusion", "method.window=24", "method.stride=8", "method.score=logit"), tmp_path)
     samples = {s.name: s for s in load_shapes(12, "test", 0, data_config(load_model("embedded")))}
     hits = 0
     with np.load(tmp_path / "maps.npz") as maps:

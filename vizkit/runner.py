@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from vizkit import output
 from vizkit.data import Sample, load_samples
 from vizkit.errors import ConfigError
-from vizkit.methods.base import AttributionMethod, Method
+from vizkit.methods.base import AttributionMethod
 from vizkit.models import class_label, class_names, data_config, load_model
 from vizkit.pixels import PixelSpace
 from vizkit.registry import method_from_config
@@ -42,7 +42,8 @@ def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: T
     import pytorch_lightning as pl
 
     class AttributionTask(pl.LightningModule):
-        """Clean forward (predictions, the 'predicted' target), then the method, per batch."""
+        """The method, per batch. Predictions (top-5 and the 'predicted' target) come from the method's
+        own first forward on the clean input; only a method that makes none costs one more forward."""
 
         def __init__(self) -> None:
             super().__init__()

@@ -185,14 +185,10 @@ def _draw_distractors(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size:
 
 def _target_colour(rng: np.random.Generator, around: np.ndarray) -> np.ndarray:
     """A fill colour at least _MIN_COLOUR_DISTANCE from the background colour `around`."""
-    best, best_d = None, -1.0
     for _ in range(24):
         c = _random_colour(rng)
-        d = float(np.linalg.norm(c - around))
-        if d >= _MIN_COLOUR_DISTANCE:
+        if float(np.linalg.norm(c - around)) >= _MIN_COLOUR_DISTANCE:
             return c
-        if d > best_d:
-            best, best_d = c, d
     # Fall back: the colour farthest from the background among the corners of the RGB cube.
     corners = np.array([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], dtype=np.float64)
     return corners[np.argmax(np.linalg.norm(corners - around, axis=1))]
