@@ -76,8 +76,10 @@ def test_appended_unknown_field_is_not_silently_dropped(vizkit_cli):
     assert_clean_failure(run, "unknown field(s) windw", "window")
 
 
-def test_pretrained_offline_says_how_to_use_a_local_checkpoint(vizkit_cli):
-    run = vizkit_cli("model=resnet18", "model.pretrained=true", env={"HF_HUB_OFFLINE": "1"})
+def test_pretrained_offline_says_how_to_use_a_local_checkpoint(vizkit_cli, tmp_path):
+    # offline and with an empty hub cache: no network is used, and a warm cache elsewhere cannot hide the path
+    empty_cache = tmp_path / "hf-home"
+    run = vizkit_cli("model=resnet18", "model.pretrained=true", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(empty_cache)})
     assert_clean_failure(run, "could not load pretrained weights for 'resnet18'", "model.checkpoint=PATH")
 
 
