@@ -26,6 +26,9 @@ writes PNGs, results.json and TensorBoard logs into the run directory under outp
 == Methods (method=NAME; fields: vizkit method=NAME --cfg job) ==
 {methods}
 
+== Metrics (metrics=[NAME,...]; fields: metrics.NAME.FIELD=...) ==
+{metrics}
+
 == Configuration groups (group=option) ==
 $APP_CONFIG_GROUPS
 == Targets (target=...) ==
@@ -36,6 +39,8 @@ $APP_CONFIG_GROUPS
   vizkit
   vizkit method=occlusion method.window=16 method.stride=8 target=class:3
   vizkit -m method=saliency,guided_backprop
+  vizkit method=gradcam data=shapes metrics=[deletion,insertion,pointing_game]
+  vizkit -m +experiment=compare_attribution
   vizkit model.name=resnet18 model.checkpoint=weights.safetensors data=images data.paths=[cat.jpg]
 
 == Config ==
@@ -47,14 +52,19 @@ def setup() -> None:
     """Register method configs, the help page and the ``vizkit_asset`` resolver (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
+    from vizkit import metrics
+
     registry.store_configs()
+    metrics.store_configs()
     methods = registry.describe_methods().replace("${", "\\${")
     ConfigStore.instance().store(
         group="hydra/help", name="vizkit",
-        node={"app_name": "vizkit", "header": "", "footer": "", "template": HELP_TEMPLATE.format(methods=methods)},
+        node={"app_name": "vizkit", "header": "", "footer": "", "template": HELP_TEMPLATE.format(methods=methods, metrics=metrics.describe_metrics().replace("${", "\\${"))},
     )
     if not OmegaConf.has_resolver("vizkit_asset"):
         OmegaConf.register_new_resolver("vizkit_asset", lambda name: str(ASSETS_DIR / name))
+    if not OmegaConf.has_resolver("vizkit_methods"):  # "a,b,c": a sweep over the methods of one kind
+        OmegaConf.register_new_resolver("vizkit_methods", lambda kind: ",".join(registry.names_of_kind(kind)))
 
 
 def _run_dir() -> Path:
@@ -100,9 +110,23 @@ def _refuse_used_run_dir(argv: list[str]) -> None:
             check_fresh(Path(value))
 
 
+def _check_metric_names(argv: list[str]) -> None:
+    """``metrics=[deletoin]``: Hydra only says it cannot load 'metrics/deletoin'; name the close match."""
+    from vizkit.metrics import get_metric
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") != "metrics" or not value or "(" in value:
+            continue
+        for name in value.replace("[", ",").replace("]", ",").split(","):
+            if name.strip():
+                get_metric(name.strip())
+
+
 def main() -> None:
     try:
         _refuse_used_run_dir(sys.argv[1:])
+        _check_metric_names(sys.argv[1:])
         setup()
     except VizkitError as error:  # e.g. two plugins claiming one method name
         print(f"vizkit: error: {error}", file=sys.stderr)  # user-facing

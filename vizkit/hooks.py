@@ -51,3 +51,26 @@ def layer_output(model: nn.Module, x: torch.Tensor, module: nn.Module, layer_nam
     if not isinstance(output, torch.Tensor):
         raise ConfigError(f"layer '{layer_name}' returns {type(output).__name__}, not a tensor; choose a layer that outputs one")
     return output
+
+
+@contextmanager
+def capture_output(module: nn.Module, layer_name: str = "") -> Iterator[list[torch.Tensor]]:
+    """Record `module`'s output while the whole model runs (for Grad-CAM: the activation and the
+    logits from one forward). Yields a list that holds the output after the forward.
+
+    The rest of the network is handed a copy of the output: an in-place op that follows the layer
+    (timm's ``x += shortcut; relu(inplace)`` after ``bn2``) then changes the copy, and the recorded
+    tensor keeps the layer's true values. pytorch-grad-cam and lucent were measured storing the
+    tensor itself there and silently reading post-ReLU values. Gradients flow through the copy, so
+    ``autograd.grad(score, recorded)`` is the gradient at the layer.
+    """
+    captured: list[torch.Tensor] = []
+
+    def record(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise ConfigError(f"layer '{layer_name or module}' returns {type(output).__name__}, not a tensor; choose a layer that outputs one")
+        captured.append(output)
+        return output.clone()
+
+    with forward_hook(module, record):
+        yield captured

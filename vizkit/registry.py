@@ -15,6 +15,7 @@ from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from vizkit.configured import configure
 from vizkit.errors import ConfigError, PluginError, did_you_mean
 from vizkit.methods.base import KINDS, Method
 
@@ -100,16 +101,7 @@ def get(name: str) -> MethodEntry:
 
 def create_method(name: str, /, **fields: Any) -> Method:
     """A method by name, configured by keyword fields: ``create_method("occlusion", window=16)``."""
-    entry = get(name)
-    valid = {f.name for f in dataclasses.fields(entry.cls.Config)}
-    unknown = sorted(set(fields) - valid)
-    if unknown:
-        raise ConfigError(f"{name}: unknown field(s) {', '.join(unknown)}; its fields are: {', '.join(sorted(valid)) or '(none)'}")
-    try:
-        return entry.cls(**fields)
-    except (TypeError, ConfigError) as error:  # say which method the bad field belongs to
-        message = str(error)
-        raise ConfigError(message if message.startswith(f"{name}:") else f"{name}: {message}") from None
+    return configure(get(name).cls, name, fields)
 
 
 def config_node(entry: MethodEntry) -> type:
@@ -155,6 +147,13 @@ def method_from_config(node: Any) -> Method:
     if name is None:
         raise ConfigError("the method config has no name; choose one with method=NAME")
     return create_method(name, **values)
+
+
+def names_of_kind(kind: str) -> list[str]:
+    """The registered methods of one kind, sorted (``${vizkit_methods:attribution}`` in a sweep)."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown method kind '{kind}'; kinds: {', '.join(KINDS)}")
+    return sorted(name for name, entry in discover().items() if entry.kind == kind)
 
 
 def describe_methods() -> str:

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -21,10 +22,12 @@ from vizkit import output
 from vizkit.data import Sample, load_samples
 from vizkit.errors import ConfigError
 from vizkit.methods.base import AttributionMethod
+from vizkit.metrics import metric_from_config
+from vizkit.metrics.base import Metric, MetricInputs
 from vizkit.models import class_label, class_names, data_config, load_model
 from vizkit.pixels import PixelSpace
 from vizkit.registry import method_from_config
-from vizkit.targets import PredictedClassTarget, TargetSpec, parse_target, resolve_spec
+from vizkit.targets import ClassTarget, PredictedClassTarget, TargetSpec, parse_target, resolve_spec
 
 
 class _Samples(Dataset):
@@ -38,12 +41,14 @@ class _Samples(Dataset):
         return self.samples[index].pixels, index
 
 
-def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: TargetSpec, pixels: PixelSpace):
+def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: TargetSpec, pixels: PixelSpace,
+                      metrics: list[Metric], masks: list[torch.Tensor | None]):
     import pytorch_lightning as pl
 
     class AttributionTask(pl.LightningModule):
-        """The method, per batch. Predictions (top-5 and the 'predicted' target) come from the method's
-        own first forward on the clean input; only a method that makes none costs one more forward."""
+        """The method, then the metrics, per batch. Predictions (top-5 and the 'predicted' target) come
+        from the method's own first forward on the clean input; only a method that makes none costs
+        one more forward."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -60,7 +65,7 @@ def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: T
                 torch.cuda.synchronize()
             started = time.perf_counter()
             with torch.enable_grad():  # Lightning predicts without grad; gradient methods need it
-                maps = method.attribute(self.model, x, target, mean=space.mean, std=space.std)
+                explained = method.explain(self.model, x, target, mean=space.mean, std=space.std)
             if images.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
@@ -68,14 +73,28 @@ def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: T
             if logits is None:  # the method never ran the model on x itself (e.g. a channel target)
                 with torch.no_grad():
                     logits = self.model(x)
+            if target.kind == "class":  # metrics explain the same classes, whatever they run the model on
+                target = ClassTarget(target.indices.to(x.device))
+            batch_masks = [masks[i] for i in indices.tolist()]
+            mask_tensor = torch.stack(batch_masks).to(x.device) if batch_masks and all(m is not None for m in batch_masks) else None
+            started = time.perf_counter()
+            scores = {}
+            for metric in metrics:
+                inputs = MetricInputs(self.model, x, explained.maps.float(), target, space, method, mask_tensor)
+                with torch.enable_grad():  # randomization re-runs the method
+                    scores[metric.name] = metric.evaluate(inputs)
             return {
                 "indices": indices.cpu(),
                 "probabilities": logits.float().softmax(1).cpu(),
-                "maps": maps.float().cpu(),
+                "maps": explained.maps.float().cpu(),
+                "details": {name: values.float().cpu() for name, values in explained.details.items()},
+                "metrics": {name: (r.values.float().cpu(), None if r.curve is None else r.curve.float().cpu(), list(r.curve_steps))
+                            for name, r in scores.items()},
                 "target_kind": target.kind,
                 "target_indices": target.indices.cpu() if target.kind == "class" else None,
                 "target_spec": str(target),
                 "seconds": seconds,
+                "metric_seconds": time.perf_counter() - started,
             }
 
     return AttributionTask()
@@ -143,6 +162,34 @@ def _gather(trainer: Any, batches: list[dict[str, Any]], run_dir: Path) -> list[
     return merged
 
 
+def _metrics(cfg: Any, method: AttributionMethod, target_kind: str) -> list[Metric]:
+    """The metrics chosen with ``metrics=[...]``, checked against the method and target."""
+    chosen = cfg.get("metrics") or {}
+    metrics = [metric_from_config(name, chosen[name]) for name in chosen]
+    classless = [m.name for m in metrics if m.needs_class and target_kind != "class"]
+    if classless:
+        raise ConfigError(f"metrics {', '.join(classless)} measure a class's probability; the target '{cfg.get('target')}' is a {target_kind}: "
+                          f"use target=predicted or target=class:...")
+    return metrics
+
+
+def _summary(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Means over the inputs: top-1 accuracy where labels exist, every metric and every detail."""
+    summary: dict[str, float] = {}
+    labelled = [r for r in records if r["label"] is not None]
+    if labelled:
+        summary["top1_accuracy"] = sum(r["top5"][0]["index"] == r["label"] for r in labelled) / len(labelled)
+    for field_name in ("metrics", "details"):
+        for name in (records[0][field_name] if records else {}):
+            summary[name] = float(np.mean([r[field_name][name] for r in records]))
+    return summary
+
+
+def _hparam(value: Any) -> Any:
+    """TensorBoard's HParams take numbers, strings and booleans."""
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
 def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     """Execute one run described by a composed config; returns what was written to results.json
     (None on the non-zero ranks of a multi-device run)."""
@@ -158,6 +205,7 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     target_kind = "class" if spec.kind == "predicted" else spec.kind
     if target_kind not in method.target_kinds:
         raise ConfigError(f"{method.name} cannot explain a {target_kind} target ('{spec}'); it takes: {', '.join(sorted(method.target_kinds))}")
+    metrics = _metrics(cfg, method, target_kind)
     if cfg.get("seed") is not None:
         torch.manual_seed(int(cfg.seed))
 
@@ -166,14 +214,19 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
                        checkpoint=model_cfg.get("checkpoint"), num_classes=model_cfg.get("num_classes"))
     if spec.kind != "predicted":
         resolve_spec(spec, model, 1, predicted=None)  # an unknown layer or class fails now, before any work
+    method.check(model)
     names = class_names(model)
     model_data = data_config(model)
     loaded = time.perf_counter()
     samples = load_samples(cfg.data, model_data)
     read = time.perf_counter()
+    unmasked = [m.name for m in metrics if m.needs_masks and any(sample.mask is None for sample in samples)]
+    if unmasked:
+        raise ConfigError(f"metrics {', '.join(unmasked)} compare maps with ground-truth object masks, and these inputs have none; "
+                          f"use data=shapes (exact masks) or drop them from metrics=")
 
     pixels = PixelSpace.from_stats(model_data["mean"], model_data["std"])
-    task = _attribution_task(model, method, spec, pixels)
+    task = _attribution_task(model, method, spec, pixels, metrics, [sample.mask for sample in samples])
     trainer, logger = _trainer(cfg.get("trainer", {}), run_dir)
     loader = DataLoader(_Samples(samples), batch_size=int(cfg.data.get("batch_size", 8)), shuffle=False)
     batches = _gather(trainer, trainer.predict(task, dataloaders=loader), run_dir)
@@ -183,11 +236,12 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
 
     writer = output.RunWriter(run_dir, method.name, logger.experiment)
     records: list[dict[str, Any]] = [None] * len(samples)  # type: ignore[list-item]
-    method_seconds = 0.0
+    method_seconds = sum(batch["seconds"] for batch in batches)
+    metric_seconds = sum(batch["metric_seconds"] for batch in batches)
     pngs = iter(writer.add_attributions([(samples[index].name, samples[index].pixels, batch["maps"][row])
                                          for batch in batches for row, index in enumerate(batch["indices"].tolist())]))
+    curves: dict[str, dict[str, Any]] = {}
     for batch in batches:
-        method_seconds += batch["seconds"]
         per_input = batch["seconds"] / len(batch["indices"])
         for row, index in enumerate(batch["indices"].tolist()):
             sample = samples[index]
@@ -200,24 +254,34 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
                 "target": _target_record(batch, row, names),
                 "png": next(pngs),
                 "seconds": per_input,
+                "details": {name: float(values[row]) for name, values in batch["details"].items()},
+                "metrics": {name: float(values[row]) for name, (values, _, _) in batch["metrics"].items()},
+                "curves": {name: curve[row].tolist() for name, (_, curve, _) in batch["metrics"].items() if curve is not None},
             }
+        for name, (_, curve, steps) in batch["metrics"].items():
+            if curve is not None:
+                curves[name] = {"steps": steps}
 
-    metrics: dict[str, float] = {}
-    labelled = [r for r in records if r["label"] is not None]
-    if labelled:
-        metrics["top1_accuracy"] = sum(r["top5"][0]["index"] == r["label"] for r in labelled) / len(labelled)
+    summary = _summary(records)
+    for name in curves:
+        curves[name]["mean"] = np.mean([r["curves"][name] for r in records], axis=0).tolist()
     timings = {
         "model_load_seconds": loaded - started,
         "data_seconds": read - loaded,
         "method_seconds": method_seconds,
+        "metric_seconds": metric_seconds,
         "predict_seconds": computed - read,
         "seconds_per_input": method_seconds / max(len(samples), 1),
     }
-    writer.add_scalars({f"{method.name}/seconds_per_input": timings["seconds_per_input"], **{f"metrics/{k}": v for k, v in metrics.items()}})
-    hparams = {"method": method.name, **{f"method.{k}": v for k, v in asdict(method.config).items()},
-               "model": str(model_cfg.name), "target": str(spec), "data": str(cfg.data.get("kind")), "inputs": len(samples)}
+    writer.add_scalars({f"{method.name}/seconds_per_input": timings["seconds_per_input"], **{f"metrics/{k}": v for k, v in summary.items()}})
+    for name, curve in curves.items():  # one point per step: a deletion curve, a randomization cascade
+        for step, value in enumerate(curve["mean"]):
+            writer.add_scalars({f"curves/{name}": value}, step=step)
+    hparams = {"method": method.name, **{f"method.{k}": _hparam(v) for k, v in asdict(method.config).items()},
+               "model": str(model_cfg.name), "target": str(spec), "data": str(cfg.data.get("kind")), "inputs": len(samples),
+               "metrics": ",".join(m.name for m in metrics)}
     logger.log_hyperparams(hparams, metrics={"hparams/seconds_per_input": timings["seconds_per_input"],
-                                             **{f"hparams/{k}": v for k, v in metrics.items()}})
+                                             **{f"hparams/{k}": v for k, v in summary.items()}})
     results = {
         "method": {"name": method.name, "kind": method.kind, "config": asdict(method.config)},
         "model": {"name": str(model_cfg.name), "pretrained": bool(model_cfg.get("pretrained", False)),
@@ -226,7 +290,9 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
         "target": str(spec),
         "device": str(trainer.strategy.root_device),
         "inputs": records,
-        "metrics": metrics,
+        "metrics": summary,
+        "metric_configs": {m.name: {"better": m.better, **asdict(m.config)} for m in metrics},
+        "curves": curves,
         "timings": {**timings, "write_seconds": time.perf_counter() - computed, "run_seconds": time.perf_counter() - started},
     }
     writer.finish(results)

@@ -183,6 +183,10 @@ class ChannelTarget:
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.activation(model, x).flatten(1).sum(1)
 
+    def take(self, rows: torch.Tensor) -> "ChannelTarget":
+        """The same target for perturbed copies: it does not depend on which input a row came from."""
+        return self
+
     def __str__(self) -> str:
         return f"channel:{self.layer}:{self.channel}"
 
@@ -206,6 +210,10 @@ class NeuronTarget:
             )
         return channel_map[:, self.y, self.x]
 
+    def take(self, rows: torch.Tensor) -> "NeuronTarget":
+        """The same target for perturbed copies: it does not depend on which input a row came from."""
+        return self
+
     def __str__(self) -> str:
         return f"neuron:{self.layer}:{self.channel}:{self.y}:{self.x}"
 
@@ -222,6 +230,10 @@ class LayerTarget:
         from vizkit.hooks import layer_output
 
         return layer_output(model, x, self.module, self.layer).flatten(1).pow(2).sum(1)
+
+    def take(self, rows: torch.Tensor) -> "LayerTarget":
+        """The same target for perturbed copies: it does not depend on which input a row came from."""
+        return self
 
     def __str__(self) -> str:
         return f"layer:{self.layer}"

@@ -22,8 +22,10 @@ The method does the math on tensors; the runner owns devices, batching, precisio
 logging, and the same object works from plain Python without Hydra or Lightning. Each kind has a base
 class below that does its argument handling, so a method file is only its idea:
 
-* ``AttributionMethod``: implement ``compute(model, x, target, pixels) -> [B,1,H,W]`` (or ``[B,C,H,W]``);
-  callers use ``attribute(model, x, target)``.
+* ``AttributionMethod``: implement ``compute(model, x, target, pixels) -> [B,1,H,W]`` (or ``[B,C,H,W]``),
+  or an ``Attribution(maps, details)`` when it also measures something per input (integrated
+  gradients' completeness error); callers use ``attribute(model, x, target)`` for the maps and
+  ``explain(...)`` for both.
 
 What ``compute`` can rely on, and what it owes:
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from vizkit.configured import Configured, NoConfig
 from vizkit.errors import ConfigError
 
 if TYPE_CHECKING:  # the contract module itself needs no torch
@@ -58,29 +61,20 @@ KINDS = ("attribution", "optimization", "adversarial", "inspection")
 
 
 @dataclasses.dataclass
-class NoConfig:
-    """Config of a method without parameters."""
+class Attribution:
+    """What an attribution method returns when it has more to say than the maps."""
+
+    maps: "torch.Tensor"  # [B,1,H,W] (or [B,C,H,W]) float, detached
+    details: dict[str, "torch.Tensor"] = dataclasses.field(default_factory=dict)  # name -> [B] per-input numbers
 
 
-class Method:
+class Method(Configured):
     """Base of every method; see the module docstring for the contract."""
 
     name: ClassVar[str]
     kind: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type] = NoConfig
-
-    def __init__(self, config: Any = None, **fields: Any) -> None:
-        if config is None:
-            config = self.Config(**fields)
-        elif fields:
-            config = dataclasses.replace(config, **fields)
-        if not isinstance(config, self.Config):
-            raise ConfigError(f"{self.name}: expected a {self.Config.__name__} config, got {type(config).__name__}")
-        self.config = config
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"
 
 
 class AttributionMethod(Method):
@@ -114,6 +108,18 @@ class AttributionMethod(Method):
         Returns ``[B,1,H,W]`` float maps (``[B,C,H,W]`` where a method documents it), detached.
         The model is not modified: no hooks, flags or modes outlive the call.
         """
+        return self.explain(model, x, target, mean=mean, std=std).maps
+
+    def explain(
+        self,
+        model: "torch.nn.Module",
+        x: "torch.Tensor",
+        target: Any = None,
+        *,
+        mean: Any = None,
+        std: Any = None,
+    ) -> Attribution:
+        """``attribute``, plus the per-input ``details`` a method measured along the way."""
         from vizkit.pixels import PixelSpace
         from vizkit.targets import resolve_target
 
@@ -128,9 +134,18 @@ class AttributionMethod(Method):
         if resolved.kind == "class":
             resolved = resolved.to(x.device)
         pixels = PixelSpace.for_model(model, mean=mean, std=std, device=x.device)
-        return self.compute(model, x.detach(), resolved, pixels).detach()
+        result = self.compute(model, x.detach(), resolved, pixels)
+        if not isinstance(result, Attribution):
+            result = Attribution(result)
+        return Attribution(result.maps.detach(), {k: v.detach() for k, v in result.details.items()})
 
-    def compute(self, model: "torch.nn.Module", x: "torch.Tensor", target: "Target", pixels: "PixelSpace") -> "torch.Tensor":
+    def check(self, model: "torch.nn.Module") -> None:
+        """Refuse, with a ``ConfigError``, a model this method cannot explain (a layer it does not
+        have), before any work starts. The runner calls it once after loading the model; by default
+        every model is fine."""
+
+    def compute(self, model: "torch.nn.Module", x: "torch.Tensor", target: "Target", pixels: "PixelSpace") -> "torch.Tensor | Attribution":
         """The method's math. ``target`` is resolved (its ``kind`` is in ``target_kinds``), ``pixels``
-        converts between the model's input space and pixels in [0, 1]. Return ``[B,1,H,W]``."""
+        converts between the model's input space and pixels in [0, 1]. Return ``[B,1,H,W]`` maps, or
+        an ``Attribution`` carrying per-input ``details`` too."""
         raise NotImplementedError

@@ -1,0 +1,111 @@
+"""Grad-CAM (Selvaraju et al. 2017, "Grad-CAM: Visual Explanations from Deep Networks via
+Gradient-based Localization").
+
+With A the activation of a convolutional layer (K channels) and S the target's score (a class logit):
+
+    alpha_k = mean over (i, j) of dS/dA_k[i, j]           (global-average-pooled gradients)
+    L       = ReLU( sum_k alpha_k * A_k )                  (eq. 1-2)
+
+then upsampled bilinearly to the input's size. The layer defaults to the backbone's last feature stage
+(timm's ``feature_info``: ``layer4`` for ResNets, ``stages.3`` for ConvNeXt, ``blocks.6`` for
+EfficientNet-B0). Stages whose output is channels-last (``[B,H,W,C]``) are recognized from
+``feature_info``'s channel count, or with ``layout=nhwc``.
+
+One forward and one backward that stops at the layer: only the activation's gradient is requested,
+so no weight gradient is computed and no graph is retained (pytorch-grad-cam was measured at 2.5-2.7x
+that floor for doing both). The layer's true output is used even when an in-place op follows it
+(``vizkit.hooks.capture_output``).
+
+The map is not normalized: it keeps the score's units, so maps of one run compare. It equals captum's
+``LayerGradCam(relu_attributions=True)`` followed by ``LayerAttribution.interpolate(..., "bilinear")``,
+and pytorch-grad-cam's ``GradCAM`` up to that library's per-image min-max scaling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vizkit.errors import ConfigError
+from vizkit.hooks import capture_output
+from vizkit.methods.base import AttributionMethod
+from vizkit.models import find_layer
+
+LAYOUTS = ("auto", "nchw", "nhwc")
+
+
+@dataclass
+class GradCamConfig:
+    layer: str = ""  # a named_modules() name (vizkit-layers MODEL); "" = the last feature stage in timm's feature_info
+    layout: str = "auto"  # auto (from feature_info's channel count), nchw, nhwc: how the layer's output is laid out
+    relu: bool = True  # the paper's ReLU: keep only evidence for the target
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got '{self.layout}'")
+
+
+def default_layer(model: torch.nn.Module) -> str:
+    """The last feature stage from timm's ``feature_info``, or an error that says how to choose one."""
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, (list, tuple)) and info and isinstance(info[-1], dict) and info[-1].get("module"):
+        return str(info[-1]["module"])
+    raise ConfigError(f"{type(model).__name__} has no timm feature_info to find its last feature stage; "
+                      f"choose a layer with method.layer=NAME (vizkit-layers MODEL lists them)")
+
+
+def _stage_channels(model: torch.nn.Module, layer: str) -> int | None:
+    for entry in getattr(model, "feature_info", None) or []:
+        if isinstance(entry, dict) and entry.get("module") == layer:
+            return entry.get("num_chs")
+    return None
+
+
+def layer_activation_and_gradient(model, x, target, layer: str, method_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's output for x and the gradient of the target's summed score with respect to it."""
+    module = find_layer(model, layer)
+    x = x.detach()
+    with torch.enable_grad():
+        with capture_output(module, layer) as captured:
+            score = target.score(model, x)
+        if len(captured) != 1:
+            times = "never" if not captured else f"{len(captured)} times"
+            raise ConfigError(f"{method_name}: layer '{layer}' runs {times} in one forward pass "
+                              f"(before the target, once); choose another with method.layer=NAME")
+        (activation,) = captured
+        if not activation.requires_grad:
+            raise ConfigError(f"{method_name}: the target's score does not depend on layer '{layer}'; choose a layer before the target")
+        (gradient,) = torch.autograd.grad(score.sum(), activation)
+    return activation.detach(), gradient
+
+
+def channels_first(tensor: torch.Tensor, layout: str, stage_channels: int | None, layer: str) -> torch.Tensor:
+    if tensor.dim() != 4:
+        raise ConfigError(f"layer '{layer}' outputs shape {tuple(tensor.shape)}; Grad-CAM needs a [B,C,H,W] feature map (a convolutional layer)")
+    if layout == "auto":
+        nhwc = stage_channels is not None and tensor.shape[1] != stage_channels and tensor.shape[-1] == stage_channels
+        layout = "nhwc" if nhwc else "nchw"
+    return tensor.permute(0, 3, 1, 2) if layout == "nhwc" else tensor
+
+
+class GradCam(AttributionMethod):
+    name = "gradcam"
+    description = "Grad-CAM: a layer's activations weighted by their pooled gradients (Selvaraju et al. 2017)"
+    Config = GradCamConfig
+    target_kinds = frozenset({"class", "channel", "neuron"})
+
+    def check(self, model):
+        find_layer(model, self.config.layer or default_layer(model))
+
+    def compute(self, model, x, target, pixels):
+        layer = self.config.layer or default_layer(model)
+        activation, gradient = layer_activation_and_gradient(model, x, target, layer, self.name)
+        stage_channels = _stage_channels(model, layer)
+        activation = channels_first(activation, self.config.layout, stage_channels, layer).float()
+        gradient = channels_first(gradient, self.config.layout, stage_channels, layer).float()
+        weights = gradient.mean((2, 3), keepdim=True)  # alpha_k
+        cam = (weights * activation).sum(1, keepdim=True)
+        if self.config.relu:
+            cam = cam.clamp_min(0)
+        return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
