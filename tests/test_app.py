@@ -84,7 +84,8 @@ def test_third_party_plugin_runs_through_vizkit(vizkit_cli):
 def test_two_cpu_processes_give_the_same_results_as_one(vizkit_cli):
     import numpy as np
 
-    common = ("data=shapes", "data.count=5", "data.batch_size=2", "trainer.accelerator=cpu")
+    common = ("data=shapes", "data.count=5", "data.batch_size=2", "trainer.accelerator=cpu",
+              "metrics=[deletion,pointing_game]", "metrics.deletion.steps=4")
     single = vizkit_cli(*common)
     double = vizkit_cli(*common, "trainer.devices=2", "trainer.strategy=ddp")
     assert single.returncode == 0 and double.returncode == 0, double.stderr
@@ -94,3 +95,6 @@ def test_two_cpu_processes_give_the_same_results_as_one(vizkit_cli):
         for name in one.files:
             np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6)
     assert not list(double.run_dir.glob(".rank*.pt"))
+    for one, two in zip(single.results["inputs"], double.results["inputs"]):  # metrics travel with their inputs
+        assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
+        assert two["curves"]["deletion"] == pytest.approx(one["curves"]["deletion"], abs=1e-6)
