@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""vizkit benchmarks: each method against its floor (the bare passes it needs) and a peer (captum).
+"""vizkit benchmarks: each method and metric against its floor (the bare passes it needs) and a peer.
 
-    python benchmarks/run.py [--quick] [--rows saliency,occlusion,...] [--stages method,runner] [--out FILE]
+    python benchmarks/run.py [--quick] [--rows saliency,deletion,...] [--stages method,metric,runner] [--out FILE]
 
 Prints one JSON line per row (the first line is the machine canary and the versions); see
-benchmarks/README.md for the columns. Everything runs on 1 torch thread (PITFALLS.md: with 2 threads
-this VM's timings swing several-fold), method, floor and peer runs alternate, and each row reports the
-median (and min) over its repeats. Nothing here asserts on a time.
+benchmarks/README.md for the rows and columns. Everything runs on 1 torch thread (PITFALLS.md: with 2
+threads this VM's timings swing several-fold), method, floor and peer runs alternate, and each row
+reports the median (and min) over its repeats. Nothing here asserts on a time.
 """
 from __future__ import annotations
 
@@ -34,8 +34,11 @@ import torch
 from torch import nn
 
 THREADS = 1
-METHODS = ("occlusion", "saliency", "guided_backprop", "deconvnet")
+GRADIENT_METHODS = ("saliency", "guided_backprop", "deconvnet", "input_x_gradient")
+METHODS = ("occlusion", *GRADIENT_METHODS, "gradcam", "guided_gradcam", "integrated_gradients", "smoothgrad")
+METRICS = ("deletion", "insertion", "pointing_game", "mask_energy", "randomization")
 MODEL = "resnet18"
+CHUNK_CANDIDATES = (8, 16, 32, 64)  # images per forward tried for a peer's batching knob
 
 
 def set_threads() -> None:
@@ -56,8 +59,9 @@ class Timing:
         return statistics.median(self.wall)
 
 
-def time_alternating(fns: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True) -> dict[str, Timing]:
-    """Time each fn, calling them in turn (a, b, c, a, b, c, ...) so machine drift hits all alike."""
+def time_alternating(fns: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True, inner: int = 1) -> dict[str, Timing]:
+    """Time each fn, calling them in turn (a, b, c, a, b, c, ...) so machine drift hits all alike.
+    ``inner``: calls per timed sample (for sub-millisecond fns); the figures are per call."""
     set_threads()
     gc.collect()
     if warmup:
@@ -67,18 +71,24 @@ def time_alternating(fns: dict[str, Callable[[], Any]], repeats: int, warmup: bo
     for _ in range(repeats):
         for name, fn in fns.items():
             wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            times[name].cpu.append(time.process_time() - cpu)
-            times[name].wall.append(time.perf_counter() - wall)
+            for _ in range(inner):
+                fn()
+            times[name].cpu.append((time.process_time() - cpu) / inner)
+            times[name].wall.append((time.perf_counter() - wall) / inner)
     return times
+
+
+def time_once(fn: Callable[[], Any]) -> float:
+    """CPU seconds of one call (choosing a peer's setting: CPU time is least disturbed by other processes)."""
+    return time_alternating({"fn": fn}, 1, warmup=False)["fn"].cpu[0]
 
 
 @dataclass
 class Row:
-    method: str
+    method: str  # the row's name: a method, or a metric for stage "metric"
     batch: int
     size: int
-    stage: str  # "method": the Python API alone; "runner": a whole `vizkit` run, start-up excluded
+    stage: str  # "method": the Python API alone; "metric": one metric's evaluate; "runner": a whole `vizkit` run
     seconds: float  # median wall seconds
     floor_seconds: float
     peer: str | None = None
@@ -87,34 +97,53 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)  # mins, CPU-time figures, passes, settings, note
     model: str = MODEL
     threads: int = THREADS
+    has_ratio: bool = True  # False where the floor is no pass at all (pointing_game, mask_energy): ratio null
 
     @classmethod
-    def timed(cls, method: str, x: torch.Tensor, times: dict[str, Timing], peer: str, **extra: Any) -> "Row":
-        """A method-stage row from `time_alternating` over "method", "floor" and "peer"."""
-        cpu = {k: statistics.median(times[k].cpu) for k in ("method", "floor", "peer")}
+    def timed(cls, method: str, x: torch.Tensor, times: dict[str, Timing], peer: str | None, stage: str = "method",
+              has_ratio: bool = True, **extra: Any) -> "Row":
+        """A row from `time_alternating` over "method", "floor" and (where there is one) "peer"."""
+        keys = [k for k in ("method", "floor", "peer") if k in times]
+        cpu = {k: statistics.median(times[k].cpu) for k in keys}
         paired = statistics.median(m / f for m, f in zip(times["method"].wall, times["floor"].wall))
-        extra = {"seconds_min": min(times["method"].wall), "floor_min": min(times["floor"].wall),
-                 "peer_min": min(times["peer"].wall), "paired_ratio": paired, **extra,
-                 "cpu": {"seconds": cpu["method"], "floor_seconds": cpu["floor"], "ratio": cpu["method"] / cpu["floor"],
-                         "peer_seconds": cpu["peer"], "peer_ratio": cpu["method"] / cpu["peer"]}}
-        return cls(method, x.shape[0], x.shape[-1], "method", times["method"].median, times["floor"].median,
-                   peer, times["peer"].median, len(times["method"].wall), extra)
+        cpu_figures = {"seconds": cpu["method"], "floor_seconds": cpu["floor"], "ratio": cpu["method"] / cpu["floor"]}
+        mins = {"seconds_min": min(times["method"].wall), "floor_min": min(times["floor"].wall)}
+        if "peer" in times:
+            mins["peer_min"] = min(times["peer"].wall)
+            cpu_figures.update(peer_seconds=cpu["peer"], peer_ratio=cpu["method"] / cpu["peer"])
+        if not has_ratio:
+            cpu_figures.pop("ratio")
+        extra = {**mins, **({"paired_ratio": paired} if has_ratio else {}), **extra, "cpu": cpu_figures}
+        return cls(method, x.shape[0], x.shape[-1], stage, times["method"].median, times["floor"].median,
+                   peer, times["peer"].median if "peer" in times else None, len(times["method"].wall), extra,
+                   has_ratio=has_ratio)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.seconds / self.floor_seconds if self.has_ratio else None
 
     def to_json(self) -> str:
         peer_ratio = self.seconds / self.peer_seconds if self.peer_seconds else None
         row = {"method": self.method, "model": self.model, "batch": self.batch, "size": self.size,
                "threads": self.threads, "stage": self.stage, "seconds": self.seconds,
-               "floor_seconds": self.floor_seconds, "ratio": self.seconds / self.floor_seconds, "peer": self.peer,
+               "floor_seconds": self.floor_seconds, "ratio": self.ratio, "peer": self.peer,
                "peer_seconds": self.peer_seconds, "peer_ratio": peer_ratio, "repeats": self.repeats, **self.extra}
         return json.dumps(_rounded(row))
 
 
 def _rounded(value: Any) -> Any:
     if isinstance(value, float):
-        return round(value, 5)
+        return float(f"{value:.6g}")  # 6 significant digits: metric rows take microseconds
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
     return value
+
+
+def second_peer(times: dict[str, Timing], name: str, seconds: float) -> dict[str, Any]:
+    """Extra keys for a second peer timed as "peer2"."""
+    peer2 = times["peer2"]
+    return {"peer2": name, "peer2_seconds": peer2.median, "peer2_ratio": seconds / peer2.median, "peer2_min": min(peer2.wall),
+            "peer2_cpu_seconds": statistics.median(peer2.cpu)}
 
 
 def canary(calls: int = 10, repeats: int = 5) -> Timing:
@@ -162,6 +191,11 @@ def without_inplace_relus(model: nn.Module) -> nn.Module:
     return copied
 
 
+def chunk_candidates(batch: int, limit: int) -> list[int]:
+    """Images per forward to try for a peer's batching knob: 8..64, at least one batch, at most `limit`."""
+    return sorted({min(max(batch, images), limit) for images in CHUNK_CANDIDATES})
+
+
 # ------------------------------------------------------------------ gradient methods
 
 
@@ -175,11 +209,13 @@ def gradient_floor(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> t
 
 def gradient_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int) -> Row:
     import vizkit
-    from captum.attr import Deconvolution, GuidedBackprop, Saliency
+    from captum.attr import Deconvolution, GuidedBackprop, InputXGradient, Saliency
 
     method = vizkit.create_method(name)
     if name == "saliency":
         peer, peer_name, peer_kwargs = Saliency(model), "captum.Saliency(abs=True)", {"abs": True}
+    elif name == "input_x_gradient":
+        peer, peer_name, peer_kwargs = InputXGradient(model), "captum.InputXGradient", {}
     else:
         captum_cls = GuidedBackprop if name == "guided_backprop" else Deconvolution
         peer, peer_name, peer_kwargs = captum_cls(without_inplace_relus(model)), f"captum.{captum_cls.__name__}", {}
@@ -189,9 +225,188 @@ def gradient_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Ten
         "peer": lambda: peer.attribute(x, target=target, **peer_kwargs),
     }, repeats)
     note = "floor: model(x)[range(B), target].sum() then autograd.grad w.r.t. x"
-    if name != "saliency":
+    if name in ("guided_backprop", "deconvnet"):
         note += "; captum gets a copy with inplace=False ReLUs"
     return Row.timed(name, x, times, peer_name, note=note)
+
+
+# ------------------------------------------------------------------ Grad-CAM
+
+
+def layer_gradient_floor(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One forward with a hook that keeps `layer`'s output, then autograd.grad of the target logits' sum
+    w.r.t. that output: the backward stops at the layer."""
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    (gradient,) = torch.autograd.grad(logits[torch.arange(x.shape[0]), target].sum(), captured[0])
+    return gradient
+
+
+def gradcam_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int) -> Row:
+    import vizkit
+    from captum.attr import LayerAttribution, LayerGradCam
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    method = vizkit.create_method("gradcam")
+    captum_cam = LayerGradCam(model, model.layer4)
+
+    def run_captum():
+        cam = captum_cam.attribute(x, target=target, relu_attributions=True)
+        return LayerAttribution.interpolate(cam, x.shape[-2:], "bilinear")
+
+    # pytorch-grad-cam keeps its hooks on the layer while the object lives: a copy, so they never slow the others
+    pgc_model = copy.deepcopy(model)
+    pgc = GradCAM(model=pgc_model, target_layers=[pgc_model.layer4])
+    pgc_targets = [ClassifierOutputTarget(int(t)) for t in target]
+    try:
+        times = time_alternating({
+            "method": lambda: method.attribute(model, x, target),
+            "floor": lambda: layer_gradient_floor(model, model.layer4, x, target),
+            "peer": run_captum,
+            "peer2": lambda: pgc(input_tensor=x, targets=pgc_targets),
+        }, repeats)
+    finally:
+        pgc.activations_and_grads.release()
+    seconds = times["method"].median
+    return Row.timed("gradcam", x, times, "captum.LayerGradCam(layer4, relu)+interpolate(bilinear)",
+                     **second_peer(times, "pytorch_grad_cam.GradCAM([layer4])", seconds), settings={"layer": "layer4"},
+                     note="floor: one forward with a hook keeping layer4's output, autograd.grad of the target logits' sum "
+                          "w.r.t. it (the backward stops at layer4); pytorch-grad-cam runs on a copy (its hooks stay while it lives) "
+                          "and also computes every weight gradient")
+
+
+def guided_gradcam_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int) -> Row:
+    import vizkit
+    from captum.attr import GuidedGradCam
+
+    method = vizkit.create_method("guided_gradcam")
+    copied = without_inplace_relus(model)
+    peer = GuidedGradCam(copied, copied.layer4)
+
+    def floor():
+        layer_gradient_floor(model, model.layer4, x, target)
+        return gradient_floor(model, x, target)
+
+    times = time_alternating({
+        "method": lambda: method.attribute(model, x, target),
+        "floor": floor,
+        "peer": lambda: peer.attribute(x, target=target, interpolate_mode="bilinear"),
+    }, repeats)
+    return Row.timed("guided_gradcam", x, times, "captum.GuidedGradCam(layer4, bilinear)", settings={"layer": "layer4"},
+                     note="floor: gradcam's floor (forward + backward to layer4) then the gradient floor (forward + backward "
+                          "to x); captum gets a copy with inplace=False ReLUs")
+
+
+# ------------------------------------------------------------------ many-pass gradient methods
+
+
+def chunked_gradient_floor(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, chunk: int) -> None:
+    """Forward + backward to the input for pre-built images, `chunk` images per pass."""
+    for inputs, chunk_targets in zip(images.split(chunk), targets.split(chunk)):
+        gradient_floor(model, inputs, chunk_targets)
+
+
+def integrated_gradients_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int, repeats: int) -> Row:
+    import vizkit
+    from captum.attr import IntegratedGradients
+    from vizkit.baselines import pixel_baseline
+    from vizkit.methods.attribution.integrated_gradients import quadrature
+    from vizkit.pixels import PixelSpace
+
+    method = vizkit.create_method("integrated_gradients", steps=steps)
+    config = method.config
+    chunk, batch = config.batch_size, x.shape[0]
+    pixels = PixelSpace.for_model(model)  # the method's default baseline, built here for the floor and captum
+    baseline = pixels.from_pixels(pixel_baseline(config.baseline, pixels.to_pixels(x), seed=config.seed))
+    # the floor's interpolated images, built outside the timing, step-major as the method and captum
+    alphas, _ = quadrature(steps, config.rule)
+    rows = torch.arange(batch).repeat(steps)
+    alpha = torch.tensor(alphas, dtype=x.dtype).repeat_interleave(batch).view(-1, 1, 1, 1)
+    images = baseline[rows] + alpha * (x - baseline)[rows]
+    targets = target[rows]
+
+    def floor():
+        with torch.no_grad():  # the method's S(x) and S(baseline), for its completeness error
+            model(x)
+            model(baseline)
+        chunked_gradient_floor(model, images, targets, chunk)
+
+    peer = IntegratedGradients(model)
+    run_peer = lambda images_per_pass, n_steps=steps: peer.attribute(x, baselines=baseline, target=target, n_steps=n_steps,
+                                                                     method=config.rule, internal_batch_size=images_per_pass)
+    # captum's best internal_batch_size among 8..64 images per pass, each timed once on (at most) 64 images:
+    # a chunk size's cost per image does not depend on how many steps there are
+    trial_steps = min(steps, max(1, max(CHUNK_CANDIDATES) // batch))
+    tried = {str(n): time_once(lambda n=n: run_peer(n, trial_steps)) for n in chunk_candidates(batch, trial_steps * batch)}
+    best = int(min(tried, key=tried.get))
+    fns = {"method": lambda: method.attribute(model, x, target), "floor": floor, "peer": lambda: run_peer(best)}
+    if best != chunk:  # vizkit with captum's chunk: the same batching as the peer's best
+        same = vizkit.create_method("integrated_gradients", steps=steps, batch_size=best)
+        fns["method_at_peer_chunk"] = lambda: same.attribute(model, x, target)
+    times = time_alternating(fns, repeats, warmup=False)  # the model is warm; the captum trials warmed the peer
+    settings = {"steps": steps, "rule": config.rule, "baseline": config.baseline, "batch_size": chunk,
+                "peer_internal_batch_size": best, "peer_tried": tried, "peer_tried_steps": trial_steps}
+    extra = _at_peer_chunk(times, best)
+    return Row.timed("integrated_gradients", x, times, f"captum.IntegratedGradients({config.rule})",
+                     passes=batch * steps, settings=settings, **extra,
+                     note=f"floor: the steps x B interpolated images (pre-built), forward + backward to the input in chunks of "
+                          f"{chunk}, plus the method's 2 no_grad forwards (x, baseline) for its completeness error; captum makes "
+                          f"no such forwards (return_convergence_delta=False)")
+
+
+def _at_peer_chunk(times: dict[str, Timing], best: int) -> dict[str, Any]:
+    if "method_at_peer_chunk" not in times:
+        return {"method_at_peer_chunk_seconds": None}
+    at = times["method_at_peer_chunk"].median
+    return {"method_at_peer_chunk_seconds": at, "method_at_peer_chunk_cpu": statistics.median(times["method_at_peer_chunk"].cpu),
+            "peer_ratio_at_same_chunk": at / times["peer"].median, "default_vs_peer_chunk": times["method"].median / at}
+
+
+def smoothgrad_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, samples: int, repeats: int) -> Row:
+    import vizkit
+    from captum.attr import NoiseTunnel, Saliency
+
+    method = vizkit.create_method("smoothgrad", samples=samples)
+    config = method.config
+    batch = x.shape[0]
+    per_chunk = max(1, config.batch_size // batch)  # samples of every input per pass, as the method
+    sigma = config.noise * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+    generator = torch.Generator().manual_seed(1)
+    chunks = []  # (noisy images, targets) per pass, pre-built in the method's order (sample-major)
+    for first in range(0, samples, per_chunk):
+        count = min(per_chunk, samples - first)
+        rows = torch.arange(batch).repeat(count)
+        noise = torch.randn((batch * count, *x.shape[1:]), generator=generator)
+        chunks.append((x[rows] + noise * sigma[rows].view(-1, 1, 1, 1), target[rows]))
+
+    def floor():
+        for images, targets in chunks:
+            gradient_floor(model, images, targets)
+
+    peer = NoiseTunnel(Saliency(model))
+    stdev = float(sigma.mean())  # captum takes one sigma per input tensor
+    run_peer = lambda per_pass: peer.attribute(x, nt_type="smoothgrad", nt_samples=samples, nt_samples_batch_size=per_pass,
+                                               stdevs=stdev, target=target, abs=False)
+    candidates = sorted({max(1, min(samples, images // batch)) for images in CHUNK_CANDIDATES})
+    tried = {str(n): time_once(lambda n=n: run_peer(n)) for n in candidates}
+    best = int(min(tried, key=tried.get))
+    fns = {"method": lambda: method.attribute(model, x, target), "floor": floor, "peer": lambda: run_peer(best)}
+    if best != per_chunk:
+        same = vizkit.create_method("smoothgrad", samples=samples, batch_size=best * batch)
+        fns["method_at_peer_chunk"] = lambda: same.attribute(model, x, target)
+    times = time_alternating(fns, repeats, warmup=False)
+    settings = {"base": config.base, "samples": samples, "noise": config.noise, "batch_size": config.batch_size,
+                "images_per_pass": per_chunk * batch, "peer_nt_samples_batch_size": best,
+                "peer_images_per_pass": best * batch, "peer_tried": tried}
+    return Row.timed("smoothgrad", x, times, "captum.NoiseTunnel(Saliency, smoothgrad, abs=False)", passes=batch * samples,
+                     settings=settings, **_at_peer_chunk(times, best),
+                     note=f"floor: the samples x B noisy images (pre-built), forward + backward to the input, "
+                          f"{per_chunk * batch} images per pass as the method")
 
 
 # ------------------------------------------------------------------ occlusion
@@ -234,21 +449,123 @@ def occlusion_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, windo
 
     # captum's best setting: perturbations_per_eval giving 8, 16 or 32 images per forward, timed once each
     candidates = sorted({max(1, images // batch) for images in (8, 16, 32)})
-    tried = {str(n): time_alternating({"peer": lambda n=n: run_peer(n)}, 1, warmup=False)["peer"].cpu[0] for n in candidates}
+    tried = {str(n): time_once(lambda n=n: run_peer(n)) for n in candidates}
     best = int(min(tried, key=tried.get))  # by CPU time: least disturbed by other processes
 
-    times = time_alternating({
-        "method": lambda: method.attribute(model, x, target),
-        "floor": floor,
-        "peer": lambda: run_peer(best),
-        "floor_chunk8": lambda: floor(8),  # not the floor: what the same passes cost in chunks of 8 images
-    }, repeats, warmup)
+    fns = {"method": lambda: method.attribute(model, x, target), "floor": floor, "peer": lambda: run_peer(best)}
+    if chunk != 8:  # not the floor: what the same passes cost in chunks of 8 images (pointless when the chunk is 8)
+        fns["floor_chunk8"] = lambda: floor(8)
+    times = time_alternating(fns, repeats, warmup)
     settings = {"window": window, "stride": stride, "windows": len(masks), "batch_size": chunk, "fill": method.config.fill,
                 "peer_perturbations_per_eval": best, "peer_tried": tried}
-    chunk8 = times["floor_chunk8"].median
+    chunk8 = times["floor_chunk8"].median if "floor_chunk8" in times else times["floor"].median
     return Row.timed("occlusion", x, times, "captum.Occlusion(softmax)", passes=batch * (1 + len(masks)), settings=settings,
                      floor_chunk8_seconds=chunk8, ratio_vs_floor_chunk8=times["method"].median / chunk8,
                      note=f"floor: clean forward + pre-built perturbed inputs forwarded in chunks of {chunk}, no_grad")
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def metric_inputs(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """What the runner hands a metric: saliency maps of x (computed here, untimed), a class target,
+    random rectangular object masks (pointing_game, mask_energy)."""
+    import vizkit
+    from vizkit.metrics import MetricInputs
+    from vizkit.pixels import PixelSpace
+    from vizkit.targets import ClassTarget
+
+    saliency = vizkit.create_method("saliency")
+    maps = saliency.attribute(model, x, target)
+    batch, _, height, width = x.shape
+    generator = torch.Generator().manual_seed(7)
+    masks = torch.zeros(batch, 1, height, width, dtype=torch.bool)
+    for b in range(batch):
+        top, left = torch.randint(height // 2, (2,), generator=generator).tolist()
+        masks[b, :, top:top + height // 3, left:left + width // 3] = True
+    return MetricInputs(model, x, maps, ClassTarget(target), PixelSpace.for_model(model), saliency, masks)
+
+
+def perturbation_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int, warmup: bool) -> Row:
+    from vizkit.metrics import create_metric
+    from vizkit.metrics.perturbation import importance_ranks, substrate_pixels, switch_counts
+
+    metric = create_metric(name)
+    config = metric.config
+    inputs = metric_inputs(model, x, target)
+    batch, _, height, width = x.shape
+    pixels = inputs.pixels
+    substrate = pixels.from_pixels(substrate_pixels(pixels.to_pixels(x), config.substrate))
+    start, finish = (x, substrate) if name == "deletion" else (substrate, x)
+    ranks = importance_ranks(inputs.maps).view(batch, 1, height, width)
+    counts = switch_counts(height * width, config.steps)
+    # the floor's (steps+1) x B perturbed images, pre-built in the metric's order (image-major)
+    images = torch.cat([torch.where(ranks[b:b + 1] < count, finish[b:b + 1], start[b:b + 1]) for b in range(batch) for count in counts])
+
+    def floor():
+        with torch.no_grad():
+            for chunk in images.split(config.batch_size):
+                model(chunk)
+
+    times = time_alternating({"method": lambda: metric.evaluate(inputs), "floor": floor}, repeats, warmup)
+    settings = {"steps": config.steps, "substrate": config.substrate, "batch_size": config.batch_size}
+    return Row.timed(name, x, times, None, stage="metric", passes=batch * (config.steps + 1), settings=settings,
+                     note=f"floor: the (steps+1) x B perturbed images (pre-built), forwarded {config.batch_size} per pass, no_grad; "
+                          f"maps: saliency of x")
+
+
+def mask_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int, inner: int) -> Row:
+    """pointing_game, mask_energy: no pass at all. The floor is the bare tensor arithmetic on the maps
+    (argmax; clamp and sums), so `ratio` would only measure Python overhead: null; the row says what
+    the metric costs against one forward of the batch instead."""
+    from vizkit.metrics import create_metric
+
+    metric = create_metric(name)
+    inputs = metric_inputs(model, x, target)
+    maps, masks = inputs.maps, inputs.masks
+    if name == "pointing_game":
+        floor = lambda: maps.flatten(1).argmax(1)
+        floor_note = "maps.flatten(1).argmax(1)"
+    else:
+        floor = lambda: (maps.clamp(min=0).flatten(1) * masks.flatten(1)).sum(1) / maps.clamp(min=0).flatten(1).sum(1)
+        floor_note = "(maps.clamp(min=0) * masks).sum / maps.clamp(min=0).sum, per input"
+    times = time_alternating({"method": lambda: metric.evaluate(inputs), "floor": floor}, repeats, inner=inner)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    forward_seconds = time_alternating({"forward": forward}, 3)["forward"].median
+    seconds = times["method"].median
+    return Row.timed(name, x, times, None, stage="metric", has_ratio=False, arithmetic_ratio=seconds / times["floor"].median,
+                     forward_seconds=forward_seconds, share_of_forward=seconds / forward_seconds, inner_calls=inner,
+                     note=f"no forward/backward pass: floor = {floor_note}, ratio null (it would measure Python overhead); "
+                          f"arithmetic_ratio = seconds / floor; share_of_forward = seconds / one no_grad forward of the batch")
+
+
+def randomization_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, max_steps: int, repeats: int) -> Row:
+    from vizkit.metrics import create_metric
+    from vizkit.metrics.randomization import cascade_blocks
+
+    metric = create_metric("randomization", max_steps=max_steps)
+    inputs = metric_inputs(model, x, target)
+    names = [name for name, _ in cascade_blocks(model)][:max_steps]
+
+    def floor():
+        randomized = copy.deepcopy(model)
+        modules = dict(randomized.named_modules())
+        for name in names:
+            for module in modules[name].modules():
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+            gradient_floor(randomized, x, target)  # the method's passes (saliency: one forward + backward)
+
+    times = time_alternating({"method": lambda: metric.evaluate(inputs), "floor": floor}, repeats)
+    return Row.timed("randomization", x, times, None, stage="metric", passes=x.shape[0] * max_steps,
+                     settings={"method": "saliency", "max_steps": max_steps, "blocks": names},
+                     note="floor: deepcopy of the model, reset_parameters() of the same blocks top-down, after each one "
+                          "the method's passes (saliency: one forward + backward to x)")
 
 
 # ------------------------------------------------------------------ whole runs
@@ -277,67 +594,132 @@ def runner_row(name: str, images: Path, workdir: Path, overrides: list[str]) -> 
     timings = json.loads((run_dir / "results.json").read_text())["timings"]
     seconds = timings["run_seconds"] - timings["model_load_seconds"]
     note = ("seconds = run_seconds - model_load_seconds (data, Trainer, predict incl. its clean forward, "
-            "PNG/TensorBoard writing = write_seconds where the runner reports it); floor = method_seconds; one run in a subprocess with "
+            "PNG/TensorBoard writing = write_seconds); floor = method_seconds; one run in a subprocess with "
             "OMP_NUM_THREADS=1; the runner's resnet18 keeps timm's zero BatchNorm gammas")
-    extra = {"settings": {"overrides": overrides}, "timings": timings, "wall_seconds": wall, "note": note}
+    extra = {"settings": {"overrides": overrides}, "timings": timings, "wall_seconds": wall, "row_seconds": wall,
+             "overhead_seconds": seconds - timings["method_seconds"], "note": note}
     return Row(name, 8, 224, "runner", seconds, timings["method_seconds"], extra=extra)
+
+
+# the runner rows' overrides: bound the many-pass methods' time (the row measures what a run adds to the method)
+RUNNER_OVERRIDES = {
+    "occlusion": ["method.window=56", "method.stride=28"],
+    "integrated_gradients": ["method.steps=8"],
+    "smoothgrad": ["method.samples=4"],
+}
 
 
 # ------------------------------------------------------------------ main
 
 
+@dataclass
+class Plan:
+    """Sizes and repeats of one mode: full (224 px, batch 1 and 8) or --quick (64 px, batch 1)."""
+
+    size: int
+    batches: tuple[int, ...]
+    repeats: dict[int, int]  # one-pass methods (saliency, gradcam, ...) and cheap metrics
+    occlusion: dict[str, int]
+    occlusion_repeats: dict[int, int]
+    ig_steps: dict[int, int]
+    ig_repeats: dict[int, int]
+    smoothgrad_samples: dict[int, int]
+    smoothgrad_repeats: dict[int, int]
+    perturbation_repeats: dict[int, int]
+    randomization_repeats: dict[int, int]
+    randomization_steps: int = 3
+
+    @classmethod
+    def make(cls, quick: bool) -> "Plan":
+        if quick:
+            return cls(64, (1,), {1: 9}, {"window": 16, "stride": 8}, {1: 5}, ig_steps={1: 32}, ig_repeats={1: 3},
+                       smoothgrad_samples={1: 16}, smoothgrad_repeats={1: 5}, perturbation_repeats={1: 5}, randomization_repeats={1: 7})
+        # full: ~13 min on a quiet 1-thread CPU; the many-pass rows get fewer repeats and smaller sizes at batch 8
+        return cls(224, (1, 8), {1: 7, 8: 5}, {"window": 56, "stride": 28}, {1: 5, 8: 2},
+                   ig_steps={1: 64, 8: 16}, ig_repeats={1: 3, 8: 2}, smoothgrad_samples={1: 16, 8: 8}, smoothgrad_repeats={1: 3, 8: 2},
+                   perturbation_repeats={1: 5, 8: 2}, randomization_repeats={1: 7, 8: 3})
+
+
+def method_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, plan: Plan) -> Row:
+    batch = x.shape[0]
+    if name == "occlusion":
+        return occlusion_row(model, x, target, repeats=plan.occlusion_repeats[batch], warmup=batch == 1, **plan.occlusion)
+    if name == "gradcam":
+        return gradcam_row(model, x, target, plan.repeats[batch])
+    if name == "guided_gradcam":
+        return guided_gradcam_row(model, x, target, plan.repeats[batch])
+    if name == "integrated_gradients":
+        return integrated_gradients_row(model, x, target, plan.ig_steps[batch], plan.ig_repeats[batch])
+    if name == "smoothgrad":
+        return smoothgrad_row(model, x, target, plan.smoothgrad_samples[batch], plan.smoothgrad_repeats[batch])
+    return gradient_row(name, model, x, target, plan.repeats[batch])
+
+
+def metric_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, plan: Plan) -> Row:
+    batch = x.shape[0]
+    if name in ("deletion", "insertion"):
+        return perturbation_row(name, model, x, target, plan.perturbation_repeats[batch], warmup=batch == 1)
+    if name == "randomization":
+        return randomization_row(model, x, target, plan.randomization_steps, plan.randomization_repeats[batch])
+    return mask_row(name, model, x, target, plan.repeats[batch], inner=20)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 1, 64 px, few repeats, method stage only (< 60 s)")
-    parser.add_argument("--rows", default=",".join(METHODS), help="comma-separated methods (default: all four)")
-    parser.add_argument("--stages", default="method,runner", help="method (the Python API), runner (whole runs); --quick: method")
+    parser.add_argument("--quick", action="store_true", help="batch 1, 64 px, few repeats, method and metric stages only")
+    parser.add_argument("--rows", default=",".join(METHODS + METRICS), help="comma-separated methods and metrics (default: all)")
+    parser.add_argument("--stages", default="method,metric,runner",
+                        help="method (the Python API), metric (metrics' evaluate), runner (whole runs); --quick: no runner")
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.rows.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
+    names = [m.strip() for m in args.rows.split(",") if m.strip()]
+    unknown = set(names) - set(METHODS + METRICS)
     if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(METHODS + METRICS)}")
+    methods = [name for name in names if name in METHODS]
+    metrics = [name for name in names if name in METRICS]
+    stages = {s.strip() for s in args.stages.split(",")}
+    if args.quick:
+        stages -= {"runner"}
 
     set_threads()
     warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")  # "required_grads has been set", hooks notice
-    if args.quick:
-        size, batches, repeats, occlusion = 64, (1,), {1: 9}, {"window": 16, "stride": 8}
-    else:
-        size, batches, repeats, occlusion = 224, (1, 8), {1: 7, 8: 5}, {"window": 56, "stride": 28}
-    occlusion_repeats = {1: 5, 8: 3} if not args.quick else {1: 5}
+    plan = Plan.make(args.quick)
 
     def progress(row: Row) -> None:
-        print(f"  {row.stage:6} {row.method:16} batch {row.batch}: {row.seconds:.3f} s, floor {row.floor_seconds:.3f} s, "
-              f"ratio {row.seconds / row.floor_seconds:.3f}" + (f", peer {row.peer_seconds:.3f} s" if row.peer_seconds else ""),
-              file=sys.stderr, flush=True)
+        ratio = f"ratio {row.ratio:.3f}" if row.has_ratio else "ratio -"
+        text = f"  {row.stage:6} {row.method:20} batch {row.batch}: {row.seconds:.4f} s, floor {row.floor_seconds:.4f} s, {ratio}"
+        text += f", peer {row.peer_seconds:.4f} s" if row.peer_seconds else ""
+        text += f", write {row.extra['timings']['write_seconds']:.3f} s" if row.stage == "runner" else ""
+        text += f" [{row.extra['row_seconds']:.0f} s]" if "row_seconds" in row.extra else ""
+        print(text, file=sys.stderr, flush=True)
 
     canary_start = canary()
     started = time.perf_counter()
     rows: list[Row] = []
     model = make_model()
-    stages = {"method"} if args.quick else {s.strip() for s in args.stages.split(",")}
-    for batch in batches if "method" in stages else ():
-        x, target = make_input(batch, size)
-        for name in methods:
+    for batch in plan.batches:
+        x, target = make_input(batch, plan.size)
+        todo = [("method", name, method_row) for name in methods if "method" in stages]
+        todo += [("metric", name, metric_row) for name in metrics if "metric" in stages]
+        for _, name, make_row in todo:
             set_threads()
-            if name == "occlusion":
-                row = occlusion_row(model, x, target, repeats=occlusion_repeats[batch], warmup=batch == 1, **occlusion)
-            else:
-                row = gradient_row(name, model, x, target, repeats[batch])
-            rows.append(row)
-            progress(row)
-    if "runner" in stages:
+            row_started = time.perf_counter()
+            rows.append(make_row(name, model, x, target, plan))
+            rows[-1].extra["row_seconds"] = time.perf_counter() - row_started  # tuning and warm-up included
+            progress(rows[-1])
+    if "runner" in stages and methods:
         with tempfile.TemporaryDirectory(prefix="vizkit-bench-") as tmp:
             workdir = Path(tmp)
             write_images(workdir / "images")
             for name in methods:
-                overrides = [f"method.window={occlusion['window']}", f"method.stride={occlusion['stride']}"] if name == "occlusion" else []
-                rows.append(runner_row(name, workdir / "images", workdir, overrides))
+                rows.append(runner_row(name, workdir / "images", workdir, RUNNER_OVERRIDES.get(name, [])))
                 progress(rows[-1])
                 set_threads()
     canary_end = canary()
 
     import captum
+    import pytorch_grad_cam
     import timm
 
     head = {"canary_start": canary_start.median, "canary_end": canary_end.median,
@@ -346,11 +728,21 @@ def main(argv: list[str] | None = None) -> None:
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": THREADS,
             "cpus": os.cpu_count(), "machine": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "timm": timm.__version__, "captum": captum.__version__,
+            "pytorch_grad_cam": getattr(pytorch_grad_cam, "__version__", _distribution_version("grad-cam")),
             "quick": args.quick, "total_seconds": time.perf_counter() - started}
     lines = [json.dumps(_rounded(head))] + [row.to_json() for row in rows]
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+
+
+def _distribution_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

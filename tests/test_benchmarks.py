@@ -11,13 +11,18 @@ ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"method", "model", "batch", "size", "threads", "stage", "seconds", "floor_seconds", "ratio", "peer", "peer_seconds"}
 
 
-def test_quick_benchmark_prints_one_json_row_per_method():
-    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--rows", "saliency,occlusion"],
+def test_quick_benchmark_prints_one_json_row_per_method_and_metric():
+    rows = "saliency,occlusion,gradcam,deletion,mask_energy"  # the cheap ones of each kind of row
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--rows", rows],
                                capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr
     lines = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
-    rows = [line for line in lines if "method" in line]
-    assert {row["method"] for row in rows} == {"saliency", "occlusion"}
-    for row in rows:
-        assert KEYS <= set(row) and row["threads"] == 1 and row["stage"] == "method"
-        assert row["seconds"] > 0 and row["floor_seconds"] > 0 and row["peer"].startswith("captum")
+    rows = {line["method"]: line for line in lines if "method" in line}
+    assert set(rows) == {"saliency", "occlusion", "gradcam", "deletion", "mask_energy"}
+    for row in rows.values():
+        assert KEYS <= set(row) and row["threads"] == 1 and row["seconds"] > 0 and row["floor_seconds"] > 0
+    for name in ("saliency", "occlusion", "gradcam"):
+        assert rows[name]["stage"] == "method" and rows[name]["peer"].startswith("captum") and rows[name]["ratio"] > 0
+    assert rows["gradcam"]["peer2"].startswith("pytorch_grad_cam") and rows["gradcam"]["peer2_seconds"] > 0
+    assert rows["deletion"]["stage"] == "metric" and rows["deletion"]["peer"] is None and rows["deletion"]["ratio"] > 0
+    assert rows["mask_energy"]["stage"] == "metric" and rows["mask_energy"]["ratio"] is None  # no pass: no floor ratio

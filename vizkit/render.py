@@ -3,11 +3,19 @@
 Non-negative maps use a sequential colormap scaled to [0, max]; signed maps (occlusion can raise a
 probability) use a diverging one centred on zero, so the sign stays readable. A map with colour
 channels (``reduce=none``) is shown as an RGB image around mid-gray.
+
+Writing pictures dominated small runs, so the hot paths are lean: colormaps are looked up in a uint8
+table (the same colours as matplotlib's, without its float RGBA array), and every picture is
+PNG-encoded once.
 """
 from __future__ import annotations
 
+import io
+from functools import lru_cache
+
 import numpy as np
 import torch
+from PIL import Image
 
 SEQUENTIAL = "inferno"
 DIVERGING = "RdBu_r"
@@ -18,10 +26,33 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return (pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def colorize(attribution: torch.Tensor) -> np.ndarray:
-    """[1,H,W] or [3,H,W] map -> HxWx3 uint8 picture."""
+@lru_cache(maxsize=None)
+def _colormap_table(name: str) -> tuple[int, np.ndarray]:
+    """(N, table): the colormap's N colours, then its under, over and bad colours, as uint8 RGB."""
     from matplotlib import colormaps
 
+    colormap = colormaps[name]
+    rgba = np.concatenate([colormap(np.arange(colormap.N)), [colormap.get_under(), colormap.get_over(), colormap.get_bad()]])
+    return colormap.N, (rgba[:, :3] * 255 + 0.5).astype(np.uint8)
+
+
+def apply_colormap(name: str, values: np.ndarray) -> np.ndarray:
+    """matplotlib's ``colormaps[name](values)`` for floats meant to lie in [0, 1], as HxWx3 uint8
+    (the same indexing: ``int(v * N)``, 1.0 in the last colour, out of range and NaN in the under,
+    over and bad colours)."""
+    count, table = _colormap_table(name)
+    scaled = values * values.dtype.type(count)
+    scaled[scaled == count] = count - 1
+    under, over, bad = scaled < 0, scaled >= count, np.isnan(scaled)
+    with np.errstate(invalid="ignore"):
+        index = scaled.astype(np.intp)
+    if under.any() or over.any() or bad.any():
+        index[under], index[over], index[bad] = count, count + 1, count + 2
+    return table[index]
+
+
+def colorize(attribution: torch.Tensor) -> np.ndarray:
+    """[1,H,W] or [3,H,W] map -> HxWx3 uint8 picture."""
     values = attribution.detach().float().cpu()
     if values.shape[0] == 3:
         scale = values.abs().max().clamp_min(1e-12)
@@ -29,10 +60,8 @@ def colorize(attribution: torch.Tensor) -> np.ndarray:
     values = values[0]
     if values.min() < 0:
         scale = values.abs().max().clamp_min(1e-12)
-        rgba = colormaps[DIVERGING]((values / scale * 0.5 + 0.5).numpy())
-    else:
-        rgba = colormaps[SEQUENTIAL]((values / values.max().clamp_min(1e-12)).numpy())
-    return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
+        return apply_colormap(DIVERGING, (values / scale * 0.5 + 0.5).numpy())
+    return apply_colormap(SEQUENTIAL, (values / values.max().clamp_min(1e-12)).numpy())
 
 
 def overlay(pixels: torch.Tensor, attribution: torch.Tensor, opacity: float = 0.55, heat: np.ndarray | None = None) -> np.ndarray:
@@ -55,3 +84,12 @@ def panel(pictures: list[np.ndarray], gap: int = 4) -> np.ndarray:
         canvas[: picture.shape[0], x : x + picture.shape[1]] = picture
         x += picture.shape[1] + gap
     return canvas
+
+
+def png(picture: np.ndarray) -> bytes:
+    """An HxWxC or HxW uint8 picture as PNG bytes, encoded once (by PIL, at zlib's fastest level: the
+    pictures are for looking at) and reused for TensorBoard and the panel on disk."""
+    image = Image.fromarray(picture[..., 0] if picture.ndim == 3 and picture.shape[2] == 1 else picture)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

@@ -82,23 +82,37 @@ def reinitialize(block: "nn.Module", seed: int) -> None:
 def average_ranks(values: "torch.Tensor") -> "torch.Tensor":
     """[B,N] -> [B,N] float64: each value's 0-based rank in its row, equal values sharing their mean rank.
 
-    A value's equals occupy sorted positions lo..hi-1 (``searchsorted`` left and right), so its
-    average rank is (lo + hi - 1) / 2: exact integer arithmetic, however many ties.
+    One stable sort; each run of equal sorted values spans positions start..end, found with a running
+    max (starts) and a reversed running min (ends), and all its members get (start + end) / 2: exact,
+    however many ties (Grad-CAM's zeros).
     """
     import torch
 
-    values = values.contiguous()
-    ordered = values.sort(dim=1).values
-    low = torch.searchsorted(ordered, values, right=False)
-    high = torch.searchsorted(ordered, values, right=True)
-    return (low + high - 1).double() / 2
+    order = values.argsort(dim=1, stable=True)
+    ordered = values.gather(1, order)
+    positions = torch.arange(values.shape[1], device=values.device).expand_as(ordered)
+    starts_run = torch.ones_like(ordered, dtype=torch.bool)
+    starts_run[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends_run = torch.ones_like(starts_run)
+    ends_run[:, :-1] = starts_run[:, 1:]
+    run_start = torch.where(starts_run, positions, 0).cummax(1).values
+    run_end = torch.where(ends_run, positions, values.shape[1] - 1).flip(1).cummin(1).values.flip(1)
+    return torch.empty_like(ordered, dtype=torch.float64).scatter_(1, order, (run_start + run_end).double() / 2)
+
+
+def centered_ranks(values: "torch.Tensor") -> "torch.Tensor":
+    ranks = average_ranks(values)
+    return ranks - ranks.mean(1, keepdim=True)
 
 
 def spearman(a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
     """[B,N], [B,N] -> [B]: Spearman's rho per row (average ranks for ties; 0 where a row is constant)."""
-    ranks_a, ranks_b = average_ranks(a), average_ranks(b)
-    ranks_a = ranks_a - ranks_a.mean(1, keepdim=True)
-    ranks_b = ranks_b - ranks_b.mean(1, keepdim=True)
+    return ranked_spearman(centered_ranks(a), b)
+
+
+def ranked_spearman(ranks_a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
+    """``spearman`` with the first argument's centered ranks computed once (the trained map's)."""
+    ranks_b = centered_ranks(b)
     norm = (ranks_a.pow(2).sum(1) * ranks_b.pow(2).sum(1)).sqrt()
     covariance = (ranks_a * ranks_b).sum(1)
     return (covariance / norm.clamp(min=1e-300)).where(norm > 0, 0.0)
@@ -145,12 +159,12 @@ class Randomization(Metric):
         if config.max_steps:
             blocks = blocks[: config.max_steps]
         target = fixed_target(inputs.target, randomized)
-        trained = comparable(inputs.maps, config.absolute)
+        trained = centered_ranks(comparable(inputs.maps, config.absolute))  # ranked once, not per step
         correlations = []
         for (_, block), seed in zip(blocks, seeds):
             reinitialize(block, seed)
             with torch.enable_grad():
                 maps = inputs.method.attribute(randomized, inputs.x, target, mean=inputs.pixels.mean, std=inputs.pixels.std)
-            correlations.append(spearman(trained, comparable(maps, config.absolute)))
+            correlations.append(ranked_spearman(trained, comparable(maps, config.absolute)))
         curve = torch.stack(correlations, 1).float().to(inputs.maps.device)
         return MetricResult(values=curve.mean(1), curve=curve, curve_steps=tuple(name for name, _ in blocks))
