@@ -344,19 +344,23 @@ def integrated_gradients_row(model: nn.Module, x: torch.Tensor, target: torch.Te
     trial_steps = min(steps, max(1, max(CHUNK_CANDIDATES) // batch))
     tried = {str(n): time_once(lambda n=n: run_peer(n, trial_steps)) for n in chunk_candidates(batch, trial_steps * batch)}
     best = int(min(tried, key=tried.get))
-    fns = {"method": lambda: method.attribute(model, x, target), "floor": floor, "peer": lambda: run_peer(best)}
+    fns = {"method": lambda: method.attribute(model, x, target), "floor": floor, "peer": lambda: run_peer(best),
+           # the same work as vizkit: captum also reports the completeness gap (its 2 extra forwards)
+           "peer2": lambda: peer.attribute(x, baselines=baseline, target=target, n_steps=steps, method=config.rule,
+                                           internal_batch_size=best, return_convergence_delta=True)}
     if best != chunk:  # vizkit with captum's chunk: the same batching as the peer's best
         same = vizkit.create_method("integrated_gradients", steps=steps, batch_size=best)
         fns["method_at_peer_chunk"] = lambda: same.attribute(model, x, target)
     times = time_alternating(fns, repeats, warmup=False)  # the model is warm; the captum trials warmed the peer
     settings = {"steps": steps, "rule": config.rule, "baseline": config.baseline, "batch_size": chunk,
                 "peer_internal_batch_size": best, "peer_tried": tried, "peer_tried_steps": trial_steps}
-    extra = _at_peer_chunk(times, best)
+    extra = {**_at_peer_chunk(times, best),
+             **second_peer(times, f"captum.IntegratedGradients({config.rule}, return_convergence_delta=True)", times["method"].median)}
     return Row.timed("integrated_gradients", x, times, f"captum.IntegratedGradients({config.rule})",
                      passes=batch * steps, settings=settings, **extra,
                      note=f"floor: the steps x B interpolated images (pre-built), forward + backward to the input in chunks of "
                           f"{chunk}, plus the method's 2 no_grad forwards (x, baseline) for its completeness error; captum makes "
-                          f"no such forwards (return_convergence_delta=False)")
+                          f"no such forwards (return_convergence_delta=False); peer2 = captum with return_convergence_delta=True, the same work")
 
 
 def _at_peer_chunk(times: dict[str, Timing], best: int) -> dict[str, Any]:
