@@ -585,24 +585,34 @@ def write_images(folder: Path, count: int = 8, size: int = 224) -> None:
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"random{i}.png")
 
 
-def runner_row(name: str, images: Path, workdir: Path, overrides: list[str]) -> Row:
-    run_dir = workdir / f"run-{name}"
-    command = [sys.executable, "-m", "vizkit.app", f"model={MODEL}", "data=images", f"data.paths=[{images}]",
-               "data.batch_size=8", "trainer.accelerator=cpu", f"method={name}", *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"vizkit {name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    timings = json.loads((run_dir / "results.json").read_text())["timings"]
-    seconds = timings["run_seconds"] - timings["model_load_seconds"]
+def runner_row(name: str, images: Path, workdir: Path, overrides: list[str], repeats: int = 3) -> Row:
+    """``repeats`` whole runs, one after another, each in a fresh subprocess; seconds and floor are the
+    medians (a run's fixed costs are a few tenths of a second, where one busy moment shows)."""
+    runs = []
+    for repeat in range(repeats):
+        run_dir = workdir / f"run-{name}-{repeat}"
+        command = [sys.executable, "-m", "vizkit.app", f"model={MODEL}", "data=images", f"data.paths=[{images}]",
+                   "data.batch_size=8", "trainer.accelerator=cpu", f"method={name}", *overrides, f"hydra.run.dir={run_dir}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1"}
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"vizkit {name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        timings = json.loads((run_dir / "results.json").read_text())["timings"]
+        runs.append({"seconds": timings["run_seconds"] - timings["model_load_seconds"], "wall_seconds": wall, "timings": timings})
+    seconds = statistics.median(r["seconds"] for r in runs)
+    floor = statistics.median(r["timings"]["method_seconds"] for r in runs)
+    typical = min(runs, key=lambda r: abs(r["seconds"] - seconds))
     note = ("seconds = run_seconds - model_load_seconds (data, Trainer, predict incl. its clean forward, "
-            "PNG/TensorBoard writing = write_seconds); floor = method_seconds; one run in a subprocess with "
-            "OMP_NUM_THREADS=1; the runner's resnet18 keeps timm's zero BatchNorm gammas")
-    extra = {"settings": {"overrides": overrides}, "timings": timings, "wall_seconds": wall, "row_seconds": wall,
-             "overhead_seconds": seconds - timings["method_seconds"], "note": note}
-    return Row(name, 8, 224, "runner", seconds, timings["method_seconds"], extra=extra)
+            "PNG/TensorBoard writing = write_seconds); floor = method_seconds; medians of `repeats` runs, each in a "
+            "subprocess with OMP_NUM_THREADS=1; the runner's resnet18 keeps timm's zero BatchNorm gammas")
+    extra = {"settings": {"overrides": overrides}, "timings": typical["timings"],
+             "run_ratios": [r["seconds"] / r["timings"]["method_seconds"] for r in runs],
+             "write_seconds": [r["timings"]["write_seconds"] for r in runs],
+             "wall_seconds": typical["wall_seconds"], "row_seconds": sum(r["wall_seconds"] for r in runs),
+             "overhead_seconds": seconds - floor, "note": note}
+    return Row(name, 8, 224, "runner", seconds, floor, repeats=repeats, extra=extra)
 
 
 # the runner rows' overrides: bound the many-pass methods' time (the row measures what a run adds to the method)

@@ -30,9 +30,10 @@ def test_default_run_explains_the_embedded_samples(vizkit_cli):
     assert set(results["timings"]) >= {"method_seconds", "run_seconds", "model_load_seconds"}
     assert "metrics" in results
     tags = images_in(run_dir)
-    for record in results["inputs"]:
-        for part in ("input", "map", "overlay"):
-            assert len(tags[f"saliency/{record['name']}/{part}"]) == 1
+    for record in results["inputs"]:  # TensorBoard shows the very picture on disk: input | map | overlay
+        (event,) = tags[f"saliency/{record['name']}"]
+        assert event.encoded_image_string == (run_dir / record["png"]).read_bytes()
+        assert (event.width, event.height) == (3 * 128 + 2 * 4, 128)  # the embedded model reads 128 px
 
 
 def test_method_config_is_logged_as_hparams(vizkit_cli):

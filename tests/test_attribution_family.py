@@ -236,6 +236,33 @@ def test_batch_size_does_not_change_integrated_gradients(resnet, x):
     torch.testing.assert_close(maps[0], maps[2], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("baseline, target, baseline_rows", [("gray", 1, 1), ("black", "channel", 1), ("blur", 1, 2)])
+def test_a_baseline_shared_by_all_inputs_is_run_once(resnet, x, baseline, target, baseline_rows):
+    """Completeness needs S(x'): gray and black are one image for every input, so one forward row, and
+    the error equals the one computed with a forward per input."""
+    from vizkit.pixels import PixelSpace
+    from vizkit.targets import parse_target, resolve_spec
+
+    if target == "channel":
+        target = resolve_spec(parse_target("channel:layer2:0"), resnet, x.shape[0])
+    rows: list[int] = []
+    handle = resnet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        explained = vizkit.create_method("integrated_gradients", steps=3, batch_size=6, baseline=baseline).explain(resnet, x, target)
+    finally:
+        handle.remove()
+    assert rows == [x.shape[0], baseline_rows, 6]  # S(x), S(x'), then the 3 x 2 path images
+    space = PixelSpace.for_model(resnet)
+    pixels = {"gray": 0.5, "black": 0.0}.get(baseline)
+    if pixels is not None:
+        attribution = vizkit.create_method("integrated_gradients", steps=3, baseline=baseline, reduce="none").attribute(resnet, x, target)
+        score = (lambda inputs: resnet(inputs)[:, 1]) if isinstance(target, int) else (lambda inputs: target.score(resnet, inputs))
+        with torch.no_grad():
+            gap = score(x) - score(space.from_pixels(torch.full_like(x, pixels)))
+        expected = (attribution.flatten(1).sum(1) - gap).abs() / gap.abs()
+        torch.testing.assert_close(explained.details["completeness_error"], expected, rtol=1e-4, atol=1e-6)
+
+
 def test_an_input_equal_to_its_baseline_gets_no_attribution(resnet):
     from vizkit.pixels import PixelSpace
 

@@ -49,11 +49,11 @@ def gaussian_blur(pixels: "torch.Tensor", kernel_size: int = 11, sigma: float = 
 
 
 def pixel_baseline(name: str, images: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
-    """The baseline `name` for `images` ([B,C,H,W] pixels in [0, 1]), in pixel space, shaped alike."""
-    if name == "black":
-        return torch.zeros_like(images)
-    if name == "gray":
-        return torch.full_like(images, 0.5)
+    """The baseline `name` for `images` ([B,C,H,W] pixels in [0, 1]), in pixel space, shaped alike.
+    A baseline that is the same for every input (black, gray, an image file) comes back as one image
+    expanded over the batch (stride 0 along it), so that a caller can run the model on it once."""
+    if name in ("black", "gray"):
+        return images.new_full((1, *images.shape[1:]), 0.0 if name == "black" else 0.5).expand_as(images)
     if name == "blur":
         return gaussian_blur(images)
     if name == "uniform":

@@ -1,8 +1,8 @@
 """What a run leaves behind, inside Hydra's run directory:
 
     .hydra/            the composed config (written by Hydra)
-    tensorboard/       event files: images tagged METHOD/INPUT/{input,map,overlay}, scalars, hparams
-    images/INPUT.png   input | map | overlay, side by side
+    tensorboard/       event files: one picture per input tagged METHOD/INPUT, scalars, hparams
+    images/INPUT.png   the same picture: input | map | overlay, side by side
     maps.npz           the raw maps, by input name
     results.json       predictions, targets, metrics, timings
 
@@ -10,9 +10,12 @@ Nothing is ever overwritten: a directory that already holds results is refused.
 
 Writing the pictures used to cost more than a gradient method itself (4 PNG encodes per input, and
 TensorBoard's writer checksums every record with a pure-Python CRC-32C holding the GIL: ~17 ms per
-224-px picture). So each picture is encoded once (``render.png``), and the images go to an event file
-of their own in the same TensorBoard directory, framed here with Google's C CRC-32C; TensorBoard
-merges the event files of a directory. Scalars and hparams still go through the logger's writer.
+224-px picture). So each input gets one picture, the input | map | overlay panel, PNG-encoded once
+(``render.png``) and used twice: as the file on disk and as the TensorBoard image, which goes to an
+event file of its own in the same TensorBoard directory, framed here with Google's C CRC-32C
+(TensorBoard merges the event files of a directory). One panel costs half of the four encodes it
+replaced (three TensorBoard images and the panel) and shows the same pixels in both places. Scalars
+and hparams still go through the logger's writer.
 """
 from __future__ import annotations
 
@@ -62,19 +65,15 @@ class RunWriter:
         return relative
 
     def _render(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor) -> tuple[str, bytes]:
-        """Draw and encode one input's pictures, write its panel PNG and keep its map; returns the
-        panel's relative path and the TensorBoard records of its three images."""
+        """Draw one input's panel, encode it once, write it to disk and keep the map; returns the
+        panel's relative path and its TensorBoard record (the same PNG bytes)."""
         heat = render.colorize(attribution)
-        pictures = {
-            "input": render.to_uint8(pixels),
-            "map": heat,
-            "overlay": render.overlay(pixels, attribution, heat=heat),
-        }
-        records = b"".join(image_record(f"{self.method_name}/{name}/{part}", picture) for part, picture in pictures.items())
+        picture = render.panel([render.to_uint8(pixels), heat, render.overlay(pixels, attribution, heat=heat)])
+        encoded = render.png(picture)
         relative = f"images/{name}.png"
-        (self.run_dir / relative).write_bytes(render.png(render.panel(list(pictures.values()))))
+        (self.run_dir / relative).write_bytes(encoded)
         self.maps[name] = attribution.float().cpu().numpy()
-        return relative, records
+        return relative, image_record(f"{self.method_name}/{name}", picture, encoded=encoded)
 
     def add_attributions(self, items: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[str]:
         """``add_attribution`` for many inputs at once, rendered in parallel (zlib and numpy release
@@ -109,14 +108,15 @@ class RunWriter:
 # ------------------------------------------------------------------ TensorBoard image events
 
 
-def image_record(tag: str, picture: np.ndarray, step: int = 0) -> bytes:
-    """One TensorBoard image event (the picture PNG-encoded once), framed as a TFRecord."""
+def image_record(tag: str, picture: np.ndarray, step: int = 0, encoded: bytes | None = None) -> bytes:
+    """One TensorBoard image event framed as a TFRecord; ``encoded``: the picture's PNG bytes when
+    they already exist (encoded here otherwise)."""
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     height, width = picture.shape[:2]
     channels = picture.shape[2] if picture.ndim == 3 else 1
-    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=render.png(picture))
+    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=render.png(picture) if encoded is None else encoded)
     event = Event(wall_time=time.time(), step=step, summary=Summary(value=[Summary.Value(tag=tag, image=image)]))
     return tf_record(event.SerializeToString())
 

@@ -80,6 +80,14 @@ def parse_target(spec: str) -> TargetSpec:
 # ---------------------------------------------------------------- resolved targets
 
 
+def scores_on_one_input(target: Any, model: nn.Module, x_one: torch.Tensor, batch: int) -> torch.Tensor:
+    """The scores of a batch's ``batch`` targets, all on the same single input ``x_one`` ([1,C,H,W]):
+    one forward instead of ``batch`` (integrated gradients' gray or black baseline)."""
+    if target.kind == "class":
+        return target.select(model(x_one).expand(batch, -1))
+    return target.score(model, x_one).expand(batch)  # channel, neuron, layer: the same for every row
+
+
 @dataclass(frozen=True)
 class ClassTarget:
     """One class per input; the score is the class logit (pre-softmax, as Simonyan et al. 2014)."""
