@@ -37,8 +37,9 @@ def test_builtins_register_through_the_entry_point_group():
     from importlib.metadata import entry_points
 
     names = {ep.name for ep in entry_points(group="vizkit.methods") if ep.dist.name == "vizkit"}
-    assert names >= {"occlusion", "saliency", "guided_backprop", "deconvnet"}
-    assert set(vizkit.list_methods("attribution")) >= names
+    assert names >= {"occlusion", "saliency", "guided_backprop", "deconvnet", "class_model", "feature_viz"}
+    assert set(vizkit.list_methods()) >= names
+    assert set(vizkit.list_methods("optimization")) >= {"class_model", "feature_viz"}
 
 
 def test_plugin_that_fails_to_import_is_reported_and_skipped(tmp_path):

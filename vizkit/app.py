@@ -32,7 +32,8 @@ writes PNGs, results.json and TensorBoard logs into the run directory under outp
 == Configuration groups (group=option) ==
 $APP_CONFIG_GROUPS
 == Targets (target=...) ==
-  predicted | class:INDEX | class:NAME | channel:LAYER:C | neuron:LAYER:C:Y:X
+  predicted | class:INDEX | class:NAME | channel:LAYER:C | neuron:LAYER:C:Y:X | layer:LAYER
+  optimization: also a list, [channel:layer3:5,class:star], or all (class_model: every class)
   (layers: vizkit-layers MODEL)
 
 == Examples ==
@@ -41,6 +42,8 @@ $APP_CONFIG_GROUPS
   vizkit -m method=saliency,guided_backprop
   vizkit method=gradcam data=shapes metrics=[deletion,insertion,pointing_game]
   vizkit -m +experiment=compare_attribution
+  vizkit method=class_model
+  vizkit method=feature_viz target=channel:layer3:5 method.batch=4 method.diversity=1
   vizkit model.name=resnet18 model.checkpoint=weights.safetensors data=images data.paths=[cat.jpg]
 
 == Config ==
@@ -94,8 +97,10 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(2)
     if results is None:  # a secondary rank of a multi-device run
         return
-    count = len(results["inputs"])
-    print(f"vizkit: {results['method']['name']} on {count} input(s), {results['device']} -> {run_dir}")  # user-facing
+    if "images" in results:  # an optimization
+        print(f"vizkit: {results['method']['name']}: {len(results['images'])} image(s), {results['timings']['steps']} steps, {results['device']} -> {run_dir}")  # user-facing
+    else:
+        print(f"vizkit: {results['method']['name']} on {len(results['inputs'])} input(s), {results['device']} -> {run_dir}")  # user-facing
     print(f"vizkit: review with: tensorboard --logdir {_review_dir(run_dir)}")  # user-facing
 
 

@@ -74,3 +74,41 @@ def capture_output(module: nn.Module, layer_name: str = "") -> Iterator[list[tor
 
     with forward_hook(module, record):
         yield captured
+
+
+def layer_outputs(model: nn.Module, x: torch.Tensor, modules: dict[str, nn.Module], logits: bool = False) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Several layers' outputs from one forward (and the model's output when ``logits``).
+
+    Without ``logits`` the forward stops once every layer has run, so nothing after the deepest one
+    is computed. Each recorded output is the layer's true value (the network continues on a copy, as
+    in ``capture_output``), connected to ``x`` for gradients.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def recorder(name: str) -> Callable:
+        def record(_module: nn.Module, _inputs: tuple, output: torch.Tensor):
+            if not isinstance(output, torch.Tensor):
+                raise ConfigError(f"layer '{name}' returns {type(output).__name__}, not a tensor; choose a layer that outputs one")
+            captured.setdefault(name, output)
+            if not logits and len(captured) == len(modules):
+                raise _StopForward
+            return output.clone()  # the rest of the network may change its input in place
+
+        return record
+
+    output = None
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(recorder(name)))
+        try:
+            output = model(x)
+        except _StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in modules if name not in captured]
+    if missing:
+        raise ConfigError(f"layers {', '.join(missing)} are not used when the model runs forward")
+    return output, captured

@@ -84,6 +84,19 @@ class RunWriter:
         self._events().write(b"".join(records for _, records in rendered))
         return [relative for relative, _ in rendered]
 
+    def add_image_batch(self, names: list[str], pixels: torch.Tensor, step: int) -> None:
+        """A batch of images (pixels [B,3,H,W] in [0, 1]) at one optimization step, tagged METHOD/NAME:
+        TensorBoard's step slider then shows each image forming."""
+        pictures = [render.to_uint8(image) for image in pixels]
+        self._events().write(b"".join(image_record(f"{self.method_name}/{name}", picture, step=step) for name, picture in zip(names, pictures)))
+
+    def save_picture(self, name: str, picture: np.ndarray) -> str:
+        """A picture as images/NAME.png; returns its path relative to the run directory."""
+        relative = f"images/{name}.png"
+        with open(self.run_dir / relative, "xb") as file:  # never replace an earlier picture
+            file.write(render.png(picture))
+        return relative
+
     def _events(self) -> "ImageEventFile":
         if self.image_events is None:
             self.image_events = ImageEventFile(Path(self.writer.get_logdir()))

@@ -87,6 +87,15 @@ def panel(pictures: list[np.ndarray], gap: int = 4) -> np.ndarray:
     return canvas
 
 
+def grid(pictures: list[np.ndarray], columns: int | None = None, gap: int = 4) -> np.ndarray:
+    """Pictures in rows of ``columns`` (about square by default) on a white background."""
+    columns = columns or max(1, int(np.ceil(np.sqrt(len(pictures)))))
+    rows = [panel(pictures[i : i + columns], gap) for i in range(0, len(pictures), columns)]
+    width = max(row.shape[1] for row in rows)
+    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
+    return panel([np.concatenate(sum([[row, np.full((gap, width, 3), 255, np.uint8)] for row in rows], [])[:-1])], gap)
+
+
 def png(picture: np.ndarray) -> bytes:
     """An HxWxC or HxW uint8 picture as PNG bytes (by PIL), encoded once and reused for TensorBoard and
     the file on disk. zlib's fastest level with its run-length strategy: measured on 224-px pictures,

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from vizkit import output
 from vizkit.data import Sample, load_samples
 from vizkit.errors import ConfigError
-from vizkit.methods.base import AttributionMethod
+from vizkit.methods.base import AttributionMethod, OptimizationMethod
 from vizkit.metrics import metric_from_config
 from vizkit.metrics.base import Metric, MetricInputs
 from vizkit.models import class_label, class_names, data_config, load_model
@@ -100,12 +100,15 @@ def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: T
     return AttributionTask()
 
 
-def _trainer(trainer_cfg: Any, run_dir: Path):
+def _trainer(trainer_cfg: Any, run_dir: Path, **settings: Any):
+    """The Trainer a run's config asks for; ``settings``: more Trainer arguments (an optimization's max_steps)."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # an optimization's frozen network is in eval mode on purpose
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")  # a short optimization logs its last step anyway
     # Lightning's tips and device banner go to INFO; vizkit says which device it used itself
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -122,10 +125,16 @@ def _trainer(trainer_cfg: Any, run_dir: Path):
             enable_model_summary=False,
             enable_progress_bar=bool(trainer_cfg.get("progress_bar", True)),
             default_root_dir=str(run_dir),
+            **settings,
         )
     except (ValueError, RuntimeError, TypeError) as error:  # Lightning's own messages are clear
         raise ConfigError(f"trainer: {error}") from None
     return trainer, logger
+
+
+def _load(model_cfg: Any) -> torch.nn.Module:
+    return load_model(model_cfg.name, pretrained=bool(model_cfg.get("pretrained", False)),
+                      checkpoint=model_cfg.get("checkpoint"), num_classes=model_cfg.get("num_classes"))
 
 
 def _top5(probabilities: torch.Tensor, names: list[str] | None) -> list[dict[str, Any]]:
@@ -202,9 +211,15 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     run_dir = Path(run_dir)
     output.check_fresh(run_dir)
     method = method_from_config(cfg.method)
+    if isinstance(method, OptimizationMethod):
+        from vizkit.optimize.run import run_optimization
+
+        if cfg.get("seed") is not None:
+            torch.manual_seed(int(cfg.seed))
+        return run_optimization(cfg, run_dir, method, _load(cfg.model), started)
     spec = parse_target(cfg.get("target", "predicted"))
     if method.kind != "attribution" or not isinstance(method, AttributionMethod):
-        raise ConfigError(f"method '{method.name}' is of kind '{method.kind}', which this vizkit's runner does not run yet; attribution methods run")
+        raise ConfigError(f"method '{method.name}' is of kind '{method.kind}', which this vizkit's runner does not run yet; attribution and optimization methods run")
     target_kind = "class" if spec.kind == "predicted" else spec.kind
     if target_kind not in method.target_kinds:
         raise ConfigError(f"{method.name} cannot explain a {target_kind} target ('{spec}'); it takes: {', '.join(sorted(method.target_kinds))}")
@@ -213,8 +228,7 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
         torch.manual_seed(int(cfg.seed))
 
     model_cfg = cfg.model
-    model = load_model(model_cfg.name, pretrained=bool(model_cfg.get("pretrained", False)),
-                       checkpoint=model_cfg.get("checkpoint"), num_classes=model_cfg.get("num_classes"))
+    model = _load(model_cfg)
     if spec.kind != "predicted":
         resolve_spec(spec, model, 1, predicted=None)  # an unknown layer or class fails now, before any work
     method.check(model)

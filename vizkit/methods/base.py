@@ -27,6 +27,12 @@ class below that does its argument handling, so a method file is only its idea:
   gradients' completeness error); callers use ``attribute(model, x, target)`` for the maps and
   ``explain(...)`` for both.
 
+* ``OptimizationMethod``: implement ``setup(model, target, images, pixels) -> Problem`` (see
+  ``vizkit.optimize.problem``): an image parameterization, a loss and its between-step hooks. Callers
+  use ``optimize(model, target, images)``, a plain torch loop; the ``vizkit`` command runs the same
+  problem as a Lightning ``fit``. Its ``Config`` subclasses ``OptimizationConfig`` (steps, lr,
+  optimizer, log_every, seed, max_loss).
+
 What ``compute`` can rely on, and what it owes:
 
 * ``x`` is detached, on the model's device; a class ``target`` has its indices on that device too.
@@ -148,4 +154,61 @@ class AttributionMethod(Method):
         """The method's math. ``target`` is resolved (its ``kind`` is in ``target_kinds``), ``pixels``
         converts between the model's input space and pixels in [0, 1]. Return ``[B,1,H,W]`` maps, or
         an ``Attribution`` carrying per-input ``details`` too."""
+        raise NotImplementedError
+
+
+class OptimizationMethod(Method):
+    """Create images by optimizing them through a frozen network.
+
+    Class attributes: ``target_kinds`` (the target kinds ``target=`` may name; empty: the method takes
+    none), ``default_target`` (used when none is given, e.g. every class), ``needs_images`` (it starts
+    from input images: Deep Dream, inversion, style transfer).
+    """
+
+    kind: ClassVar[str] = "optimization"
+    target_kinds: ClassVar[frozenset[str]] = frozenset()
+    default_target: ClassVar["str | None"] = None
+    needs_images: ClassVar[bool] = False
+
+    def optimize(self, model: "torch.nn.Module", target: Any = None, images: "torch.Tensor | None" = None, *,
+                 mean: Any = None, std: Any = None, on_step: Any = None):
+        """Run the optimization in plain torch; returns ``vizkit.optimize.loop.Optimized`` (images as
+        pixels in [0, 1], per-image metrics, the loss history).
+
+        ``target``: a target string (``"class:star"``, ``"channel:layer3:5"``), a list of them or of
+        ``{target, weight}`` mappings (a weighted sum), or None for ``default_target``.
+        ``images``: ``[B,3,H,W]`` pixels in [0, 1] for methods that start from images.
+        ``mean``/``std``: the model's input normalization; by default from its timm data config.
+        ``on_step(step, problem)``: called after every step (and once before the first, step 0).
+        The model is not modified: its flags and mode are restored, no hook outlives the call.
+        """
+        from vizkit.optimize.loop import run_steps
+
+        return run_steps(self.problem(model, target, images, mean=mean, std=std), self.config, on_step)
+
+    def problem(self, model: "torch.nn.Module", target: Any = None, images: "torch.Tensor | None" = None, *,
+                mean: Any = None, std: Any = None):
+        """The ``Problem`` for these arguments (checked), on the model's device."""
+        from vizkit.pixels import PixelSpace
+
+        device = next((p.device for p in model.parameters()), None)
+        if isinstance(target, str) and target.strip().lower() == "predicted":
+            target = None
+        target = target if target is not None else self.default_target
+        if target is not None and not self.target_kinds:
+            raise ConfigError(f"{self.name} takes no target; its fields say what to optimize (see `vizkit method={self.name} --cfg job`)")
+        if target is None and self.target_kinds:
+            raise ConfigError(f"{self.name} needs a target: one of {', '.join(sorted(self.target_kinds))} (e.g. target=channel:LAYER:C)")
+        if self.needs_images:
+            if images is None or images.dim() != 4 or images.shape[1] != 3:
+                raise ConfigError(f"{self.name} starts from images: give a [B,3,H,W] batch of pixels in [0, 1]")
+            images = images.detach().float().to(device)
+        pixels = PixelSpace.for_model(model, mean=mean, std=std, device=device)
+        return self.setup(model, target, images, pixels)
+
+    def check(self, model: "torch.nn.Module") -> None:
+        """Refuse a model this method cannot work on (a layer it does not have) before any work."""
+
+    def setup(self, model: "torch.nn.Module", target: Any, images: "torch.Tensor | None", pixels: "PixelSpace"):
+        """The method's idea: build and return a ``vizkit.optimize.problem.Problem``."""
         raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Optimization methods: images made by optimizing them through a frozen network."""

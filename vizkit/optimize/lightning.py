@@ -1,0 +1,80 @@
+"""A ``Problem`` as a Lightning ``fit``: the image's parameters are the only ones it trains.
+
+Lightning owns the device, precision, progress bar and the loss scalars (``log_every_n_steps``); the
+images at chosen steps go to TensorBoard through ``on_images``. The network stays frozen and in eval
+mode (Lightning would put the whole module in train mode: BatchNorm on a single image then fails).
+A diverged loss ends the fit after the step that diverged; ``stopped`` says why.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vizkit.optimize.loop import History
+from vizkit.optimize.problem import Diverged, OptimizationConfig, Problem, make_optimizer
+
+
+class _Steps(Dataset):
+    """One item per optimizer step: the fit's only "data" is the step count."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def step_loader(steps: int) -> DataLoader:
+    return DataLoader(_Steps(steps), batch_size=None, shuffle=False)
+
+
+class OptimizationTask(pl.LightningModule):
+    def __init__(self, problem: Problem, config: OptimizationConfig, on_images: Callable[[int, torch.Tensor], None]) -> None:
+        super().__init__()
+        self.problem = problem
+        self.config = config
+        self.on_images = on_images
+        self.history = History()
+        self.stopped: str | None = None
+
+    def train(self, mode: bool = True) -> "OptimizationTask":
+        super().train(mode)
+        self.problem.model.eval()
+        return self
+
+    def configure_optimizers(self):
+        return make_optimizer(self.config.optimizer, self.problem.trainable(), self.config.lr)
+
+    def on_train_start(self) -> None:
+        self._log_images(0)
+
+    def training_step(self, batch, batch_idx):
+        step = batch_idx + 1
+        try:
+            total, parts = self.problem.loss(step, self.config.max_loss)
+        except Diverged as error:
+            self.stopped = str(error)
+            self.trainer.should_stop = True
+            return None  # Lightning skips the backward and the optimizer step
+        self.history.add(step, total, parts)
+        self.log_dict({"loss/total": total.detach(), **{f"loss/{k}": v.detach() for k, v in parts.items()}},
+                      on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        return total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.stopped is not None:
+            return
+        step = batch_idx + 1
+        self.problem.after_step(step)
+        if step % self.config.log_every == 0 or step == self.config.steps:
+            self._log_images(step)
+
+    @torch.no_grad()
+    def _log_images(self, step: int) -> None:
+        self.on_images(step, self.problem.pixels().detach().float().cpu())

@@ -1,0 +1,87 @@
+"""Running a ``Problem``: the frozen-model guard and the plain torch loop (Python users; the
+``vizkit`` command runs the same problem under Lightning, ``vizkit.optimize.lightning``)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from vizkit.optimize.problem import Diverged, OptimizationConfig, Problem, closure_for, make_optimizer
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode with no parameter asking for a gradient, for the duration: autograd
+    then computes the image's gradient only (lucent computes every weight's), and BatchNorm uses its
+    running statistics. Flags and mode are restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        for module, mode in modes:
+            module.training = mode
+
+
+@dataclass
+class History:
+    """The loss and its parts at every step (the last evaluation of each step)."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        if self.steps and self.steps[-1] == step:  # L-BFGS evaluated this step again
+            for values in self.losses.values():
+                values.pop()
+            self.steps.pop()
+        self.steps.append(step)
+        for name, value in {"total": total, **parts}.items():
+            self.losses.setdefault(name, []).append(float(value.detach()))
+
+    def first_and_last(self, name: str) -> tuple[float, float]:
+        values = self.losses[name]
+        return values[0], values[-1]
+
+
+@dataclass
+class Optimized:
+    """What ``OptimizationMethod.optimize`` returns."""
+
+    images: torch.Tensor  # [B,3,H,W] pixels in [0, 1], detached
+    names: list[str]
+    metrics: dict[str, torch.Tensor]  # name -> [B]
+    history: History
+    stopped: str | None = None  # why the run stopped early (a diverged loss), else None
+
+
+def run_steps(problem: Problem, config: OptimizationConfig, on_step: Callable[[int, Problem], None] | None = None) -> Optimized:
+    """``config.steps`` optimizer steps on ``problem`` in plain torch. A diverged loss ends the loop
+    early with the images as they were; ``stopped`` says why."""
+    history = History()
+    optimizer = make_optimizer(config.optimizer, problem.trainable(), config.lr)
+    stopped = None
+    with frozen(problem.model):
+        if on_step is not None:
+            on_step(0, problem)
+        for step in range(1, config.steps + 1):
+            try:
+                optimizer.step(closure_for(problem, optimizer, step, config.max_loss, lambda total, parts: history.add(step, total, parts)))
+            except Diverged as error:
+                stopped = str(error)
+                break
+            problem.after_step(step)
+            if on_step is not None:
+                on_step(step, problem)
+        with torch.no_grad():
+            images = problem.pixels().detach().float()
+        metrics = problem.measure()
+    return Optimized(images, problem.names, {k: v.detach().float() for k, v in metrics.items()}, history, stopped)

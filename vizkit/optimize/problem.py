@@ -1,0 +1,119 @@
+"""One image optimization, as a module whose only trainable parameters are the image's.
+
+A method builds a ``Problem`` (see ``OptimizationMethod.setup``): the frozen model, an image
+parameterization, and a ``loss(step)``. The same problem runs under a plain torch loop
+(``vizkit.optimize.loop.run_steps``, for Python users) or a Lightning ``fit``
+(``vizkit.optimize.lightning``, for the ``vizkit`` command): both build the optimizer with
+``make_optimizer``, call ``loss`` through ``closure`` (L-BFGS re-evaluates it), and ``after_step``
+once per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vizkit.errors import ConfigError, VizkitError
+from vizkit.optimize.parameterization import ImageParameterization
+from vizkit.pixels import PixelSpace
+
+OPTIMIZERS = ("adam", "lbfgs", "sgd")
+
+
+@dataclass
+class OptimizationConfig:
+    """Fields every optimization method shares; a method's Config subclasses this."""
+
+    steps: int = 256
+    lr: float = 0.05
+    optimizer: str = "adam"  # adam | lbfgs | sgd
+    log_every: int = 32  # images to TensorBoard every this many steps (and at the first and last)
+    seed: int = 0  # the image's initialization and the random transforms; the global RNG is untouched
+    max_loss: float = 1e12  # a |loss| above this (or a NaN) stops the run: the optimization diverged
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+
+
+class Diverged(VizkitError):
+    """The loss became NaN/inf or exploded; what was logged so far is kept."""
+
+
+class Problem(nn.Module):
+    """The image, the frozen model and the loss. Subclasses implement ``compute_loss``; ``measure``
+    and ``after_step`` are optional. ``names``: one per image, for tags and file names."""
+
+    def __init__(self, model: nn.Module, image: ImageParameterization, pixels: PixelSpace, names: list[str]) -> None:
+        super().__init__()
+        if len(names) != image.batch:
+            raise ValueError(f"{len(names)} names for {image.batch} images")
+        self.model = model
+        self.image = image
+        self.names = list(names)
+        self.register_buffer("mean", pixels.mean.float().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("std", pixels.std.float().reshape(1, -1, 1, 1).clone())
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.image.parameters())
+
+    def pixels(self) -> torch.Tensor:
+        """The images now, pixels in [0, 1], [B,3,H,W]."""
+        return self.image()
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean) / self.std
+
+    def compute_loss(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the scalar to minimize, named parts of it as scalars for the loss curves)."""
+        raise NotImplementedError
+
+    def loss(self, step: int, max_loss: float = float("inf")) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, parts = self.compute_loss(step)
+        value = float(total.detach())
+        if not torch.isfinite(total.detach()) or abs(value) > max_loss:
+            why = "is not a number" if value != value else ("is infinite" if abs(value) == float("inf") else f"exploded to {value:.3g} (max_loss {max_loss:g})")
+            raise Diverged(f"the loss {why} at step {step}: lower method.lr, or raise the regularizers' weights")
+        return total, parts
+
+    def after_step(self, step: int) -> None:
+        """Between steps (``step`` counts from 1): keep the image valid, apply priors that are not
+        penalties (Yosinski's blur and clipping)."""
+        self.image.project_()
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, torch.Tensor]:
+        """Per-image numbers for ``results.json`` once the optimization ends (name -> [B])."""
+        return {}
+
+
+def make_optimizer(name: str, parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr)
+    if name == "lbfgs":
+        # one L-BFGS step is one outer iteration; its line search keeps large lr stable
+        return torch.optim.LBFGS(parameters, lr=lr, max_iter=1, history_size=50, line_search_fn="strong_wolfe")
+    raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{name}'")
+
+
+def closure_for(problem: Problem, optimizer: torch.optim.Optimizer, step: int, max_loss: float, record: Callable) -> Callable[[], torch.Tensor]:
+    """The closure ``optimizer.step`` evaluates (L-BFGS may call it several times per step)."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        total, parts = problem.loss(step, max_loss)
+        total.backward()
+        record(total, parts)
+        return total
+
+    return closure

@@ -1,0 +1,102 @@
+"""One optimization run under Hydra: the method's ``Problem`` fitted by a Lightning Trainer.
+
+Writes, in the run directory: TensorBoard images ``METHOD/NAME`` at step 0, every ``log_every`` steps
+and the last (TensorBoard's step slider shows the image forming), loss curves ``loss/*`` and the
+HParams; ``images/NAME.png`` (the final images, and ``images/grid.png`` for a batch); ``results.json``
+with per-image metrics, their means, the loss at the first and last step, and timings. A diverged
+loss stops the run with a clear error after writing all of that.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vizkit import output, render
+from vizkit.data import load_samples, unique_names
+from vizkit.errors import ConfigError, VizkitError
+from vizkit.methods.base import OptimizationMethod
+from vizkit.models import data_config
+
+
+def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model: torch.nn.Module, started: float) -> dict[str, Any]:
+    from vizkit.optimize.lightning import OptimizationTask, step_loader
+    from vizkit.optimize.loop import frozen
+    from vizkit.runner import _hparam, _trainer
+
+    trainer_cfg = cfg.get("trainer", {})
+    if int(trainer_cfg.get("devices", 1) or 1) != 1:
+        raise ConfigError(f"{method.name} optimizes one batch of images on one device; use trainer.devices=1")
+    method.check(model)
+    loaded = time.perf_counter()
+    images = None
+    samples = []
+    if method.needs_images:
+        samples = load_samples(cfg.data, data_config(model))
+        images = torch.stack([sample.pixels for sample in samples])
+    target = cfg.get("target", "predicted")
+    problem = method.problem(model, None if str(target) == "predicted" else _plain(target), images)
+    problem.names = unique_names(problem.names)
+    read = time.perf_counter()
+
+    # loss curves every few steps (each logged step costs ~1-2 ms), pictures every log_every
+    trainer, logger = _trainer(trainer_cfg, run_dir, log_every_n_steps=min(method.config.log_every, 8), max_steps=method.config.steps)
+    writer = output.RunWriter(run_dir, method.name, logger.experiment)
+    task = OptimizationTask(problem, method.config, lambda step, pixels: writer.add_image_batch(problem.names, pixels, step))
+    with frozen(model):
+        trainer.fit(task, train_dataloaders=step_loader(method.config.steps))
+    fitted = time.perf_counter()
+
+    with torch.no_grad(), frozen(model):
+        final = problem.pixels().detach().float().cpu()
+        metrics = {name: values.detach().float().cpu() for name, values in problem.measure().items()}
+    records = []
+    for row, name in enumerate(problem.names):
+        records.append({"name": name, "png": writer.save_picture(name, render.to_uint8(final[row])),
+                        "source": samples[row].source if row < len(samples) and len(samples) == len(problem.names) else None,
+                        "metrics": {key: float(values[row]) for key, values in metrics.items()}})
+    if len(records) > 1:
+        writer.save_picture("grid", render.grid([render.to_uint8(image) for image in final]))
+    summary = {name: float(values.mean()) for name, values in metrics.items()}
+    for name, values in task.history.losses.items():
+        if values:
+            summary[f"loss_{name}_first"], summary[f"loss_{name}_last"] = values[0], values[-1]
+    steps_done = len(task.history.steps)
+    timings = {
+        "model_load_seconds": loaded - started,
+        "data_seconds": read - loaded,
+        "fit_seconds": fitted - read,
+        "steps": steps_done,
+        "seconds_per_step": (fitted - read) / max(steps_done, 1),
+    }
+    hparams = {"method": method.name, **{f"method.{k}": _hparam(v) for k, v in asdict(method.config).items()},
+               "model": str(cfg.model.name), "target": str(target), "images": len(records)}
+    logger.log_hyperparams(hparams, metrics={f"hparams/{k}": v for k, v in summary.items() if math.isfinite(v)})
+    writer.add_scalars({f"metrics/{k}": v for k, v in summary.items() if math.isfinite(v)})
+    results = {
+        "method": {"name": method.name, "kind": method.kind, "config": asdict(method.config)},
+        "model": {"name": str(cfg.model.name), "pretrained": bool(cfg.model.get("pretrained", False)), "checkpoint": cfg.model.get("checkpoint")},
+        "target": str(target),
+        "device": str(trainer.strategy.root_device),
+        "images": records,
+        "metrics": summary,
+        "history": {"steps": task.history.steps, **task.history.losses},
+        "stopped": task.stopped,
+        "timings": {**timings, "write_seconds": time.perf_counter() - fitted, "run_seconds": time.perf_counter() - started},
+    }
+    writer.finish(results)
+    logger.finalize("success" if task.stopped is None else "failed")
+    if task.stopped is not None:
+        raise VizkitError(f"{method.name} stopped: {task.stopped}. What was logged up to then is kept in {run_dir}")
+    return results
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf lists and dicts as Python ones."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
