@@ -14,6 +14,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	test -f $(VENV)/.vizkit-bench || { $(BIN)/python -m pip install --quiet -e '.[dev,bench]' && touch $(VENV)/.vizkit-bench; }
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
 setup: $(STAMP)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """vizkit benchmarks: each method and metric against its floor (the bare passes it needs) and a peer.
 
-    python benchmarks/run.py [--quick] [--rows saliency,deletion,...] [--stages method,metric,runner] [--out FILE]
+    python benchmarks/run.py [--quick] [--rows saliency,deletion,...] [--stages method,metric,runner,optimization] [--out FILE]
 
 Prints one JSON line per row (the first line is the machine canary and the versions); see
 benchmarks/README.md for the rows and columns. Everything runs on 1 torch thread (PITFALLS.md: with 2
@@ -15,6 +15,7 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported; Lightning then leaves threads alone too
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -27,6 +28,8 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,7 +91,8 @@ class Row:
     method: str  # the row's name: a method, or a metric for stage "metric"
     batch: int
     size: int
-    stage: str  # "method": the Python API alone; "metric": one metric's evaluate; "runner": a whole `vizkit` run
+    stage: str  # "method": the Python API alone; "metric": one metric's evaluate; "runner": a whole `vizkit` run;
+    # "optimization": an optimization method's Lightning fit, per optimizer step
     seconds: float  # median wall seconds
     floor_seconds: float
     peer: str | None = None
@@ -623,6 +627,363 @@ RUNNER_OVERRIDES = {
 }
 
 
+# ------------------------------------------------------------------ optimization methods
+
+# What each optimization row optimizes on resnet18 (its Config fields, applied where the Config has them;
+# methods still being written may name their layer fields differently: the row says which fields it used)
+OPTIMIZATION_METHODS = ("class_model", "feature_viz", "inversion", "deep_dream", "neural_style")
+FEATURE_VIZ_TARGET = ("layer3", 5)  # channel:layer3:5; lucent names it "layer3:5"
+OPTIMIZATION_FIELDS: dict[str, dict[str, Any]] = {
+    "class_model": {},
+    "feature_viz": {},
+    "inversion": {"layer": "layer3", "layers": ["layer3"]},
+    "deep_dream": {"layer": "layer3", "layers": ["layer3"]},
+    "neural_style": {"content_layer": "layer3", "style_layers": ["act1", "layer1", "layer2", "layer3"]},
+}
+
+
+class Skipped(Exception):
+    """An optimization row that cannot run here (its method is not written yet, or refuses the model)."""
+
+
+def hook_count(model: nn.Module) -> int:
+    """Hooks registered on the model's modules: forward, forward-pre and backward hooks of every kind."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return sum(len(getattr(module, kind, {})) for module in model.modules() for kind in kinds)
+
+
+def per_step(timing: Timing, steps: float) -> Timing:
+    return Timing([w / steps for w in timing.wall], [c / steps for c in timing.cpu])
+
+
+class Inner:
+    """Seconds of the measured part of a call (a fit without building its Trainer), one sample per call."""
+
+    def __init__(self) -> None:
+        self.timing = Timing()
+
+    def __enter__(self) -> "Inner":
+        set_threads()
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timing.cpu.append(time.process_time() - self._cpu)
+        self.timing.wall.append(time.perf_counter() - self._wall)
+
+
+def optimization_method(name: str, steps: int, size: int, batch: int):
+    """(the method configured for the row, its target, the fields given) or Skipped."""
+    import dataclasses
+
+    from vizkit.errors import VizkitError
+    from vizkit.registry import create_method, get
+
+    try:
+        entry = get(name)
+    except VizkitError as error:  # not registered, or its module does not import (yet)
+        raise Skipped(f"not available: {error}") from None
+    fields = {f.name for f in dataclasses.fields(entry.cls.Config)}
+    wanted = {"steps": steps, "size": size, **OPTIMIZATION_FIELDS.get(name, {})}
+    if "batch" in fields:
+        wanted["batch"] = batch
+    given = {key: value for key, value in wanted.items() if key in fields}
+    try:
+        method = create_method(name, **given)
+    except VizkitError as error:
+        raise Skipped(f"config {given} refused: {error}") from None
+    if name == "class_model":
+        target: Any = "class:1" if batch == 1 else [f"class:{c}" for c in range(1, batch + 1)]
+    elif name == "feature_viz":
+        target = "channel:{}:{}".format(*FEATURE_VIZ_TARGET)
+    else:
+        target = None
+    return method, target, given
+
+
+def probe_passes(model: nn.Module, problem: Any, config: Any) -> tuple[list[list[tuple[int, ...]]], list[str]]:
+    """One untimed plain run of the problem with hooks that record, for every evaluation of the loss
+    (L-BFGS evaluates it several times per step), the input shape of each model forward (the transforms
+    change the size), and which of the model's top-level modules ran (vizkit stops a forward after the
+    deepest layer it reads). The hooks are removed afterwards; it also warms the plain loop."""
+    from vizkit.optimize.loop import run_steps
+
+    evaluations: list[list[tuple[int, ...]]] = []
+    ran: set[str] = set()
+    inside = [False]
+
+    def before(_module, args):
+        if inside[0]:
+            evaluations[-1].append(tuple(args[0].shape))
+
+    handles = [model.register_forward_pre_hook(before)]
+    for child_name, child in model.named_children():
+        handles.append(child.register_forward_hook(lambda _m, _i, _o, child_name=child_name: ran.add(child_name) if inside[0] else None))
+    loss = problem.loss
+
+    def counted(step, max_loss=float("inf")):
+        evaluations.append([])
+        inside[0] = True
+        try:
+            return loss(step, max_loss)
+        finally:
+            inside[0] = False
+
+    problem.loss = counted
+    try:
+        run_steps(problem, config)
+    finally:
+        del problem.loss
+        for handle in handles:
+            handle.remove()
+    order = [child_name for child_name, _ in model.named_children()]
+    return evaluations, [child_name for child_name in order if child_name in ran]
+
+
+def trunk_for(model: nn.Module, children_ran: list[str]) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The model's forward up to the deepest top-level module the method's forward reached: the model
+    itself when that is the last one, else its children up to there as a Sequential (checked against
+    the model's own forward once)."""
+    children = list(model.named_children())
+    deepest = max(i for i, (child_name, _) in enumerate(children) if child_name in children_ran)
+    if deepest == len(children) - 1:
+        return model, "the whole model"
+    trunk = nn.Sequential(OrderedDict(children[: deepest + 1]))
+    captured: list[torch.Tensor] = []
+    handle = children[deepest][1].register_forward_hook(lambda _m, _i, output: captured.append(output.clone()))
+    probe = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    try:
+        with torch.no_grad():
+            model(probe)
+            same = torch.allclose(trunk(probe), captured[0], atol=1e-5)
+    finally:
+        handle.remove()
+    if not same:
+        raise RuntimeError(f"the children of {type(model).__name__} up to {children[deepest][0]} are not its forward; give the floor a stop hook")
+    return trunk, f"the model's children up to {children[deepest][0]} (the method's forward stops there)"
+
+
+def input_gradient_passes(model: nn.Module, trunk: Callable[[torch.Tensor], torch.Tensor], inputs: list[torch.Tensor]) -> None:
+    """Forward + backward to the input for each tensor, the model frozen (no weight gradient)."""
+    from vizkit.optimize.loop import frozen
+
+    with frozen(model):
+        for x in inputs:
+            x = x.detach().requires_grad_()
+            torch.autograd.grad(trunk(x).sum(), x)
+
+
+def optimization_row(name: str, model: nn.Module, batch: int, size: int, steps: int, repeats: int, workdir: Path,
+                     with_peer: bool = True) -> Row:
+    """Seconds per optimizer step of the Lightning fit the `vizkit` command runs, against one forward +
+    backward to the input per step at the sizes the method's forwards see (its transforms change the
+    size), the plain torch loop, and (feature_viz) lucent's render_vis."""
+    from vizkit.data import unique_names
+    from vizkit.optimize.lightning import OptimizationTask, step_loader
+    from vizkit.optimize.loop import frozen, run_steps
+    from vizkit.output import RunWriter
+    from vizkit.runner import _trainer
+
+    method, target, given = optimization_method(name, steps, size, batch)
+    config = method.config
+    images = None
+    if method.needs_images:  # random pixel images, a fixed generator
+        images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(size * 10 + batch))
+    try:
+        method.check(model)
+        problem = method.problem(model, target, images)
+    except Exception as error:  # a method being written may refuse resnet18's layers: the row says why
+        raise Skipped(f"{type(error).__name__}: {error}") from None
+    for parameter in model.parameters():
+        parameter.grad = None
+    hooks_before = hook_count(model)
+    evaluations, children_ran = probe_passes(model, problem, config)  # untimed; warms the plain loop
+    trunk, floor_depth = trunk_for(model, children_ran)
+    generator = torch.Generator().manual_seed(11)
+    floor_inputs = [torch.randn(shape, generator=generator) for passes in evaluations for shape in passes]
+    passes_per_evaluation = len(floor_inputs) / len(evaluations)
+    nominal = [torch.randn(batch, 3, size, size, generator=generator)] * min(steps, 8)
+
+    trainers, fits, plains, problems = Inner(), Inner(), Inner(), Inner()
+    counts: dict[str, list[int]] = {"fit": [], "plain": []}
+
+    def count_evaluations(problem_: Any, key: str) -> None:
+        loss = problem_.loss
+
+        def counted(step, max_loss=float("inf")):
+            counts[key][-1] += 1
+            return loss(step, max_loss)
+
+        counts[key].append(0)
+        problem_.loss = counted
+
+    def fit(fit_steps: int = steps, record: bool = True) -> None:
+        """The runner's fit (vizkit/optimize/run.py): its Trainer and TensorBoard logger, progress bar off,
+        loss scalars every min(log_every, 8) steps, the images at step 0, every log_every and the last."""
+        fit_config = dataclass_replace(config, steps=fit_steps)
+        with problems if record else _nothing():
+            problem_ = method.problem(model, target, images)
+        problem_.names = unique_names(problem_.names)
+        run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
+        with trainers if record else _nothing():
+            trainer, logger = _trainer({"accelerator": "cpu", "progress_bar": False}, run_dir,
+                                       log_every_n_steps=min(config.log_every, 8), max_steps=fit_steps)
+            writer = RunWriter(run_dir, method.name, logger.experiment)
+        task = OptimizationTask(problem_, fit_config, lambda step, pixels: writer.add_image_batch(problem_.names, pixels, step))
+        if record:
+            count_evaluations(problem_, "fit")
+        with fits if record else _nothing(), frozen(model):
+            trainer.fit(task, train_dataloaders=step_loader(fit_steps))
+        if writer.image_events is not None:
+            writer.image_events.close()
+        logger.finalize("success")
+        set_threads()
+
+    def plain() -> None:
+        problem_ = method.problem(model, target, images)
+        count_evaluations(problem_, "plain")
+        with plains:
+            run_steps(problem_, config)
+
+    fns: dict[str, Callable[[], Any]] = {
+        "method": fit,
+        "floor": lambda: input_gradient_passes(model, trunk, floor_inputs),
+        "plain": plain,
+        "floor_nominal": lambda: input_gradient_passes(model, trunk, nominal),
+    }
+    lucent = with_peer and name == "feature_viz"
+    peer_extra: dict[str, Any] = {}
+    if lucent:
+        fns.update(lucent_fns(model, size, batch, steps, peer_extra))
+    # warm-ups: a 2-step fit (Lightning's first fit pays one-time costs), one pass of each floor; the
+    # probe warmed the plain loop, lucent_fns warmed lucent
+    fit(warmup_steps(config), record=False)
+    input_gradient_passes(model, trunk, floor_inputs[:1])
+    input_gradient_passes(model, trunk, nominal[:1])
+    times = time_alternating(fns, repeats, warmup=False)
+    hooks_after = hook_count(model)
+    weight_grads = any(parameter.grad is not None for parameter in model.parameters())
+
+    evaluations_per_step = len(evaluations) / steps
+    floor_per_pass = per_step(times["floor"], len(floor_inputs))  # one forward + backward at the method's sizes
+    floor_per_step = per_step(floor_per_pass, 1 / passes_per_evaluation)  # one evaluation's passes (1 for all methods here)
+    times_per_step = {"method": per_step(fits.timing, steps), "floor": floor_per_step}
+    if lucent:
+        times_per_step["peer"] = per_step(times["peer"], steps)
+        times_per_step["peer2"] = per_step(times["peer2"], steps)
+    plain_seconds = statistics.median(plains.timing.wall) / steps
+    seconds = statistics.median(fits.timing.wall) / steps
+    sizes = [shape[-1] for passes in evaluations for shape in passes]
+    floor_nominal = statistics.median(times["floor_nominal"].wall) / len(nominal)
+    extra: dict[str, Any] = {
+        "steps": steps,
+        "plain_seconds": plain_seconds, "plain_min": min(plains.timing.wall) / steps,
+        "plain_cpu_seconds": statistics.median(plains.timing.cpu) / steps,
+        "plain_ratio": plain_seconds / floor_per_step.median, "lightning_share": seconds / plain_seconds - 1,
+        "trainer_seconds": statistics.median(trainers.timing.wall), "problem_seconds": statistics.median(problems.timing.wall),
+        "evaluations_per_step": evaluations_per_step,
+        "evaluations_fit": counts["fit"], "evaluations_plain": counts["plain"],
+        "seconds_per_evaluation": seconds / evaluations_per_step,
+        "ratio_per_evaluation": seconds / evaluations_per_step / floor_per_step.median,
+        "floor_nominal_seconds": floor_nominal, "ratio_vs_nominal_floor": seconds / floor_nominal,
+        "forward_sizes": {"min": min(sizes), "mean": statistics.mean(sizes), "max": max(sizes)},
+        "floor_depth": floor_depth,
+        "hooks_before": hooks_before, "hooks_after_vizkit": hooks_after, "weight_grads_after_vizkit": weight_grads,
+        "settings": {"target": target, "fields": given, "images": "torch.rand, fixed generator" if images is not None else None,
+                     "optimizer": config.optimizer, "lr": config.lr, "log_every": config.log_every,
+                     "transforms": list(getattr(config, "transforms", []) or [])},
+    }
+    peer_name = None
+    if lucent:
+        peer_name = "lucent.render_vis(unfrozen model)"
+        peer2_name = "lucent.render_vis(frozen model)"
+        extra.update(second_peer({"peer2": times_per_step["peer2"]}, peer2_name, seconds))
+        peer_floor = statistics.median(times["peer_floor"].wall) / peer_extra["peer_floor_passes"]
+        peer_extra.update(peer_floor_seconds=peer_floor,
+                          peer_over_own_floor=times_per_step["peer"].median / peer_floor,
+                          peer2_over_own_floor=times_per_step["peer2"].median / peer_floor)
+        peer_extra.pop("peer_floor_passes")
+        extra.update(peer_extra)
+    row_times = {k: v for k, v in times_per_step.items() if k != "peer2"}
+    note = ("seconds: trainer.fit of the runner's Trainer (TensorBoard logger, loss scalars, images at step 0, every "
+            "log_every and the last; Trainer and problem construction excluded) per step; floor: one forward + backward "
+            f"to the input per step, model frozen, at the sizes the method's forwards saw (replayed), through {floor_depth}; "
+            "plain_seconds: run_steps (the plain loop, its final no-grad measure() forward included) per step")
+    return Row.timed(name, torch.empty(batch, 3, size, size), row_times, peer_name, stage="optimization", **extra, note=note)
+
+
+def warmup_steps(config: Any) -> int:
+    """A short fit's steps: 2, or as few as the config allows (deep_dream wants a step per octave)."""
+    from vizkit.errors import ConfigError
+
+    for steps in (2, getattr(config, "octaves", 2), config.steps):
+        try:
+            dataclass_replace(config, steps=steps)
+            return steps
+        except (ConfigError, TypeError, ValueError):
+            continue
+    return config.steps
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def lucent_fns(model: nn.Module, size: int, batch: int, steps: int, extra: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """lucent's render_vis on the same channel, steps, size, Adam lr 0.05 and standard transforms (its
+    defaults), on deep copies (its ~93 forward hooks per call are counted, then removed, so calls do not
+    pile them up): "peer" as a user calls it (weights require grad: their gradients are computed too),
+    "peer2" with the copy frozen. lucent upsamples a 128-px image to 224 px before the model (its
+    transforms grow it to 152-168 px first) and runs the whole model; "peer_floor" is one forward +
+    backward of the whole model at 224 px, frozen, to the input: lucent's own floor."""
+    with warnings.catch_warnings():  # kornia 0.4.1 at import: torch.jit.script is deprecated
+        warnings.simplefilter("ignore")
+        from lucent.optvis import param, render
+
+    layer, channel = FEATURE_VIZ_TARGET
+    objective = f"{layer.replace('.', '_')}:{channel}"
+    user, still = copy.deepcopy(model), copy.deepcopy(model)
+    for parameter in user.parameters():
+        parameter.requires_grad_(True)
+    for parameter in still.parameters():
+        parameter.requires_grad_(False)
+    seen: dict[str, list[int]] = {"peer": [], "peer2": []}
+    grads: dict[str, bool] = {}
+
+    def run(net: nn.Module, key: str, n_steps: int = steps) -> None:
+        render.render_vis(net, objective, param_f=lambda: param.image(size, batch=batch, fft=True, decorrelate=True),
+                          thresholds=(n_steps,), show_image=False, progress=False)
+        seen[key].append(hook_count(net))
+        grads[key] = any(parameter.grad is not None for parameter in net.parameters())
+        for module in net.modules():  # remove what lucent left, and the weight gradients, so each call is a user's first
+            module._forward_hooks.clear()
+        for parameter in net.parameters():
+            parameter.grad = None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(user, "peer", 2)  # warm-up
+        run(still, "peer2", 2)
+    passes = min(steps, 8)
+    full = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(13))
+
+    def lucent_call(net: nn.Module, key: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run(net, key)
+
+    extra.update(peer_objective=objective, peer_forward_size=224,
+                 peer_hooks_after_call=seen["peer"], peer2_hooks_after_call=seen["peer2"],
+                 peer_weight_grads=grads, peer_floor_passes=passes,
+                 peer_note="lucent upsamples images under 224 px to 224 before the model and runs the whole model "
+                           "(vizkit's forward sees the sizes in forward_sizes and stops after the target layer); peer_floor_seconds: "
+                           "one forward + backward of the whole model at 224 px, frozen, to the input; hooks are counted "
+                           "after each call, then removed")
+    return {"peer": lambda: lucent_call(user, "peer"), "peer2": lambda: lucent_call(still, "peer2"),
+            "peer_floor": lambda: input_gradient_passes(model, model, [full] * passes)}
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -642,16 +1003,22 @@ class Plan:
     perturbation_repeats: dict[int, int]
     randomization_repeats: dict[int, int]
     randomization_steps: int = 3
+    # optimization rows: image side, optimizer steps per run, timed runs, and batch -> rows with a lucent peer
+    optimization_size: int = 128
+    optimization_steps: int = 32
+    optimization_repeats: int = 3
+    optimization_batches: dict[int, bool] = field(default_factory=lambda: {1: True})
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
             return cls(64, (1,), {1: 9}, {"window": 16, "stride": 8}, {1: 5}, ig_steps={1: 32}, ig_repeats={1: 3},
-                       smoothgrad_samples={1: 16}, smoothgrad_repeats={1: 5}, perturbation_repeats={1: 5}, randomization_repeats={1: 7})
+                       smoothgrad_samples={1: 16}, smoothgrad_repeats={1: 5}, perturbation_repeats={1: 5}, randomization_repeats={1: 7},
+                       optimization_size=64, optimization_steps=8, optimization_repeats=1)
         # full: ~13 min on a quiet 1-thread CPU; the many-pass rows get fewer repeats and smaller sizes at batch 8
         return cls(224, (1, 8), {1: 7, 8: 5}, {"window": 56, "stride": 28}, {1: 5, 8: 2},
                    ig_steps={1: 64, 8: 16}, ig_repeats={1: 3, 8: 2}, smoothgrad_samples={1: 16, 8: 8}, smoothgrad_repeats={1: 3, 8: 2},
-                   perturbation_repeats={1: 5, 8: 2}, randomization_repeats={1: 7, 8: 3})
+                   perturbation_repeats={1: 5, 8: 2}, randomization_repeats={1: 7, 8: 3})  # optimization: the defaults
 
 
 def method_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, plan: Plan) -> Row:
@@ -681,17 +1048,21 @@ def metric_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tenso
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1, 64 px, few repeats, method and metric stages only")
-    parser.add_argument("--rows", default=",".join(METHODS + METRICS), help="comma-separated methods and metrics (default: all)")
-    parser.add_argument("--stages", default="method,metric,runner",
-                        help="method (the Python API), metric (metrics' evaluate), runner (whole runs); --quick: no runner")
+    parser.add_argument("--rows", default=",".join(METHODS + METRICS + OPTIMIZATION_METHODS),
+                        help="comma-separated methods, metrics and optimization methods (default: all)")
+    parser.add_argument("--stages", default="method,metric,runner,optimization",
+                        help="method (the Python API), metric (metrics' evaluate), runner (whole runs), optimization "
+                             "(optimization methods' Lightning fit per step); --quick: no runner")
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.rows.split(",") if m.strip()]
-    unknown = set(names) - set(METHODS + METRICS)
+    known = METHODS + METRICS + OPTIMIZATION_METHODS
+    unknown = set(names) - set(known)
     if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(METHODS + METRICS)}")
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(known)}")
     methods = [name for name in names if name in METHODS]
     metrics = [name for name in names if name in METRICS]
+    optimizations = [name for name in names if name in OPTIMIZATION_METHODS]
     stages = {s.strip() for s in args.stages.split(",")}
     if args.quick:
         stages -= {"runner"}
@@ -704,6 +1075,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio = f"ratio {row.ratio:.3f}" if row.has_ratio else "ratio -"
         text = f"  {row.stage:6} {row.method:20} batch {row.batch}: {row.seconds:.4f} s, floor {row.floor_seconds:.4f} s, {ratio}"
         text += f", peer {row.peer_seconds:.4f} s" if row.peer_seconds else ""
+        text += f", plain {row.extra['plain_seconds']:.4f} s" if row.stage == "optimization" else ""
         text += f", write {row.extra['timings']['write_seconds']:.3f} s" if row.stage == "runner" else ""
         text += f" [{row.extra['row_seconds']:.0f} s]" if "row_seconds" in row.extra else ""
         print(text, file=sys.stderr, flush=True)
@@ -730,6 +1102,23 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(runner_row(name, workdir / "images", workdir, RUNNER_OVERRIDES.get(name, [])))
                 progress(rows[-1])
                 set_threads()
+    skipped: dict[str, str] = {}
+    if "optimization" in stages and optimizations:
+        with tempfile.TemporaryDirectory(prefix="vizkit-bench-opt-") as tmp:
+            for batch, with_peer in plan.optimization_batches.items():
+                for name in optimizations:
+                    set_threads()
+                    row_started = time.perf_counter()
+                    try:
+                        row = optimization_row(name, model, batch, plan.optimization_size, plan.optimization_steps,
+                                               plan.optimization_repeats, Path(tmp), with_peer)
+                    except Skipped as why:
+                        skipped[f"{name}/batch{batch}"] = str(why)
+                        print(f"  skipped {name} batch {batch}: {why}", file=sys.stderr, flush=True)
+                        continue
+                    row.extra["row_seconds"] = time.perf_counter() - row_started
+                    rows.append(row)
+                    progress(row)
     canary_end = canary()
 
     import captum
@@ -744,6 +1133,9 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__, "timm": timm.__version__, "captum": captum.__version__,
             "pytorch_grad_cam": getattr(pytorch_grad_cam, "__version__", _distribution_version("grad-cam")),
             "quick": args.quick, "total_seconds": time.perf_counter() - started}
+    if "optimization" in stages and optimizations:
+        head.update(lucent=_distribution_version("torch-lucent"), kornia=_distribution_version("kornia"),
+                    pytorch_lightning=_distribution_version("pytorch-lightning"), skipped=skipped)
     lines = [json.dumps(_rounded(head))] + [row.to_json() for row in rows]
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

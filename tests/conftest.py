@@ -60,6 +60,32 @@ def compose():
     return make
 
 
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded model (trained on the shapes set, 128 px, 6 classes), in eval mode."""
+    import vizkit
+
+    return vizkit.load_model("embedded")
+
+
+@pytest.fixture(scope="module")
+def embedded_samples(embedded):
+    """The default data: the embedded model's sample images (one per class), pixels [6,3,128,128]."""
+    import torch
+
+    from vizkit.data import load_samples
+    from vizkit.models import EMBEDDED_DIR, data_config
+
+    found = load_samples({"kind": "images", "paths": [str(EMBEDDED_DIR.parent / "samples")]}, data_config(embedded))
+    return torch.stack([sample.pixels for sample in found])
+
+
+def model_state(model):
+    """What a method must leave as it found it: parameters' requires_grad, modules' modes, hook count."""
+    return ([p.requires_grad for p in model.parameters()], [m.training for m in model.modules()],
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()))
+
+
 def read_events(log_dir: Path):
     """Every image and scalar TensorBoard holds for a run (default size guidance keeps only 4 images)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

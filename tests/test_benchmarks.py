@@ -26,3 +26,24 @@ def test_quick_benchmark_prints_one_json_row_per_method_and_metric():
     assert rows["gradcam"]["peer2"].startswith("pytorch_grad_cam") and rows["gradcam"]["peer2_seconds"] > 0
     assert rows["deletion"]["stage"] == "metric" and rows["deletion"]["peer"] is None and rows["deletion"]["ratio"] > 0
     assert rows["mask_energy"]["stage"] == "metric" and rows["mask_energy"]["ratio"] is None  # no pass: no floor ratio
+
+
+def test_quick_optimization_stage_prints_fit_rows_with_a_lucent_peer():
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--stages", "optimization",
+                                "--rows", "feature_viz,class_model"],
+                               capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr
+    lines = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
+    assert "lucent" in lines[0] and lines[0]["skipped"] == {}
+    rows = {line["method"]: line for line in lines if "method" in line}
+    assert set(rows) == {"feature_viz", "class_model"}
+    for row in rows.values():
+        assert KEYS <= set(row) and row["stage"] == "optimization" and row["size"] == 64 and row["steps"] == 8
+        assert row["seconds"] > 0 and row["floor_seconds"] > 0 and row["plain_seconds"] > 0 and row["ratio"] > 0
+        assert row["evaluations_per_step"] == 1 and row["evaluations_fit"] == [8]  # Adam: one evaluation per step
+        assert row["hooks_after_vizkit"] == 0 and row["weight_grads_after_vizkit"] is False  # only the image's gradient
+    assert rows["class_model"]["peer"] is None and rows["class_model"]["floor_depth"] == "the whole model"
+    viz = rows["feature_viz"]
+    assert viz["peer"].startswith("lucent") and viz["peer_seconds"] > 0 and viz["peer2_seconds"] > 0
+    assert viz["forward_sizes"]["min"] != viz["forward_sizes"]["max"]  # the transforms change the size; the floor replays it
+    assert min(viz["peer_hooks_after_call"]) > 0 and viz["peer_weight_grads"] == {"peer": True, "peer2": False}

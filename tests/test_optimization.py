@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vizkit
-from conftest import images_in
+from conftest import images_in, model_state
 from tiny_models import single_thread
 from vizkit.errors import ConfigError
 from vizkit.hooks import layer_outputs
@@ -20,16 +20,6 @@ from vizkit.optimize.regularizers import YosinskiConfig, alpha_norm, l2, total_v
 def _one_thread():
     with single_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return vizkit.load_model("embedded")
-
-
-def model_state(model):
-    return ([p.requires_grad for p in model.parameters()], [m.training for m in model.modules()],
-            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()))
 
 
 # ------------------------------------------------------------------ class_model
@@ -91,8 +81,10 @@ def test_optimization_bad_config(fields, message):
 
 
 def test_feature_viz_raises_its_channel_and_is_seeded(embedded):
+    before = model_state(embedded)
     method = vizkit.create_method("feature_viz", steps=24, size=64)
     first = method.optimize(embedded, "channel:layer3:5")
+    assert model_state(embedded) == before and all(p.grad is None for p in embedded.parameters())  # no hook outlives a run
     again = vizkit.create_method("feature_viz", steps=24, size=64).optimize(embedded, "channel:layer3:5")
     other = vizkit.create_method("feature_viz", steps=24, size=64, seed=1).optimize(embedded, "channel:layer3:5")
     torch.testing.assert_close(first.images, again.images, rtol=0, atol=0)

@@ -162,7 +162,8 @@ class OptimizationMethod(Method):
 
     Class attributes: ``target_kinds`` (the target kinds ``target=`` may name; empty: the method takes
     none), ``default_target`` (used when none is given, e.g. every class), ``needs_images`` (it starts
-    from input images: Deep Dream, inversion, style transfer).
+    from input images: Deep Dream, inversion, style transfer). Such a method names its results
+    ``input{row}`` (or ``input{row}@WHAT``, several per input); a run shows the input's own name there.
     """
 
     kind: ClassVar[str] = "optimization"

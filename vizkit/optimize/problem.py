@@ -50,7 +50,10 @@ class Diverged(VizkitError):
 
 class Problem(nn.Module):
     """The image, the frozen model and the loss. Subclasses implement ``compute_loss``; ``measure``
-    and ``after_step`` are optional. ``names``: one per image, for tags and file names."""
+    and ``after_step`` are optional. ``names``: one per image, for tags and file names;
+    ``grid_columns``: how a run lays a batch out in ``images/grid.png`` (None: about square)."""
+
+    grid_columns: int | None = None
 
     def __init__(self, model: nn.Module, image: ImageParameterization, pixels: PixelSpace, names: list[str]) -> None:
         super().__init__()

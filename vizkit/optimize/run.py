@@ -9,6 +9,7 @@ loss stops the run with a clear error after writing all of that.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,9 +39,13 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
     if method.needs_images:
         samples = load_samples(cfg.data, data_config(model))
         images = torch.stack([sample.pixels for sample in samples])
-    target = cfg.get("target", "predicted")
-    problem = method.problem(model, None if str(target) == "predicted" else _plain(target), images)
-    problem.names = unique_names(problem.names)
+    target = _plain(cfg.get("target", "predicted"))
+    if str(target) == "predicted":  # nothing to predict: the method's own default, if it has one
+        target = method.default_target
+    problem = method.problem(model, target, images)
+    sources = [_input_of(name, samples) for name in problem.names]
+    problem.names = unique_names([name if sample is None else sample.name + "".join(name.partition("@")[1:])  # input3@layer2 -> cat@layer2
+                                  for name, sample in zip(problem.names, sources)])
     read = time.perf_counter()
 
     # loss curves every few steps (each logged step costs ~1-2 ms), pictures every log_every
@@ -57,10 +62,10 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
     records = []
     for row, name in enumerate(problem.names):
         records.append({"name": name, "png": writer.save_picture(name, render.to_uint8(final[row])),
-                        "source": samples[row].source if row < len(samples) and len(samples) == len(problem.names) else None,
+                        "source": sources[row].source if sources[row] is not None else None,
                         "metrics": {key: float(values[row]) for key, values in metrics.items()}})
     if len(records) > 1:
-        writer.save_picture("grid", render.grid([render.to_uint8(image) for image in final]))
+        writer.save_picture("grid", render.grid([render.to_uint8(image) for image in final], problem.grid_columns))
     summary = {name: float(values.mean()) for name, values in metrics.items()}
     for name, values in task.history.losses.items():
         if values:
@@ -74,7 +79,7 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
         "seconds_per_step": (fitted - read) / max(steps_done, 1),
     }
     hparams = {"method": method.name, **{f"method.{k}": _hparam(v) for k, v in asdict(method.config).items()},
-               "model": str(cfg.model.name), "target": str(target), "images": len(records)}
+               "model": str(cfg.model.name), "target": str(target), "images": len(records)}  # the target used
     logger.log_hyperparams(hparams, metrics={f"hparams/{k}": v for k, v in summary.items() if math.isfinite(v)})
     writer.add_scalars({f"metrics/{k}": v for k, v in summary.items() if math.isfinite(v)})
     results = {
@@ -93,6 +98,13 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
     if task.stopped is not None:
         raise VizkitError(f"{method.name} stopped: {task.stopped}. What was logged up to then is kept in {run_dir}")
     return results
+
+
+def _input_of(name: str, samples: list) -> Any:
+    """The input a result called ``input3`` or ``input3@layer2`` came from (how a method that starts
+    from images names its results; the run shows the input's own name instead), or None."""
+    match = re.fullmatch(r"input(\d+)(@.*)?", name)
+    return samples[int(match.group(1))] if match is not None and int(match.group(1)) < len(samples) else None
 
 
 def _plain(value: Any) -> Any:

@@ -23,7 +23,7 @@ import torch
 from vizkit.errors import ConfigError
 from vizkit.methods.base import OptimizationMethod
 from vizkit.models import class_label, class_names, data_config, num_classes
-from vizkit.optimize.objectives import Term, term_score
+from vizkit.optimize.objectives import term_score
 from vizkit.optimize.parameterization import make_image
 from vizkit.optimize.problem import OptimizationConfig, Problem
 from vizkit.optimize.regularizers import YosinskiConfig, l2, yosinski_step
@@ -49,8 +49,8 @@ class ClassModelConfig(OptimizationConfig):
             self.yosinski = YosinskiConfig(**self.yosinski)
 
 
-def class_indices(target: Any, model: torch.nn.Module) -> list[int]:
-    """``all``, one class reference, or a list of them, as class indices."""
+def class_indices(target: Any, model: torch.nn.Module, names: list[str] | None) -> list[int]:
+    """``all``, one class reference, or a list of them, as class indices (``names``: the model's class names)."""
     count = num_classes(model)
     if isinstance(target, str) and target.strip().lower() in ("all", "class:all"):
         if count is None:
@@ -61,7 +61,7 @@ def class_indices(target: Any, model: torch.nn.Module) -> list[int]:
         spec = parse_target(str(item))
         if spec.kind != "class":
             raise ConfigError(f"class_model optimizes class scores; got target '{item}' (use class:NAME, class:INDEX or all)")
-        indices.append(class_index(spec.class_ref, class_names(model), count))
+        indices.append(class_index(spec.class_ref, names, count))
     return indices
 
 
@@ -71,13 +71,12 @@ class ClassModelProblem(Problem):
         self.register_buffer("indices", indices)
         self.config = config
         self.transforms = Transforms(list(config.transforms), seed=config.seed)
-        self.target = ClassTarget(indices)
 
     def compute_loss(self, step):
         pixels = self.pixels()
         x = self.normalize(pixels)
         logits = self.model(self.normalize(self.transforms(pixels)) if self.transforms.specs else x)
-        score = term_score(ClassTarget(self.indices), logits, {})
+        score = term_score(ClassTarget(self.indices), logits, {})  # the logit of each image's class
         penalty = self.config.l2 * l2(x)
         return (penalty - score).sum(), {"score": score.mean(), "l2": penalty.mean()}
 
@@ -109,10 +108,11 @@ class ClassModel(OptimizationMethod):
 
     def setup(self, model, target, images, pixels):
         config = self.config
-        indices = class_indices(target, model)
+        known = class_names(model)  # timm builds ImageNet's names on each call: once per run
+        indices = class_indices(target, model, known)
         device = pixels.mean.device
         size = config.size or int(data_config(model)["input_size"][-1])
         mean_image = pixels.mean.reshape(1, -1, 1, 1).expand(len(indices), 3, size, size)  # the normalized zero image
         image = make_image("pixels", len(indices), size, size, init=mean_image.to(device), device=device)
-        names = [class_label(class_names(model), i) for i in indices]
+        names = [class_label(known, i) for i in indices]
         return ClassModelProblem(model, image, pixels, names, torch.tensor(indices, device=device), config)
