@@ -159,6 +159,9 @@ def test_class_model_run_logs_the_image_forming(vizkit_cli):
     for image in results["images"]:
         assert (run.run_dir / image["png"]).is_file()
     assert (run.run_dir / "images" / "grid.png").is_file()
+    checkpoint = torch.load(run.run_dir / "checkpoints" / "image.ckpt", weights_only=True)  # Lightning's, the image only
+    assert checkpoint["global_step"] == 40 and list(checkpoint["state_dict"]) == ["problem.image.pixels"]
+    assert checkpoint["state_dict"]["problem.image.pixels"].shape == (6, 3, 128, 128)
     tags = images_in(run.run_dir)
     assert [event.step for event in tags["class_model/star"]] == [0, 16, 32, 40]
     assert "1 image(s)" not in run.stdout and "6 image(s), 40 steps" in run.stdout

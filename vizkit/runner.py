@@ -121,11 +121,10 @@ def _trainer(trainer_cfg: Any, run_dir: Path, **settings: Any):
             precision=trainer_cfg.get("precision", "32-true"),
             inference_mode=False,  # with torch.enable_grad() in predict_step: gradients inside prediction
             logger=logger,
-            enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=bool(trainer_cfg.get("progress_bar", True)),
             default_root_dir=str(run_dir),
-            **settings,
+            **{"enable_checkpointing": False, **settings},
         )
     except (ValueError, RuntimeError, TypeError) as error:  # Lightning's own messages are clear
         raise ConfigError(f"trainer: {error}") from None

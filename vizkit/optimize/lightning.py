@@ -48,6 +48,10 @@ class OptimizationTask(pl.LightningModule):
         self.problem.model.eval()
         return self
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the image is what was trained; the frozen network's weights are the user's model file
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("problem.image.")}
+
     def configure_optimizers(self):
         return make_optimizer(self.config.optimizer, self.problem.trainable(), self.config.lr)
 

@@ -2,7 +2,8 @@
 
 Writes, in the run directory: TensorBoard images ``METHOD/NAME`` at step 0, every ``log_every`` steps
 and the last (TensorBoard's step slider shows the image forming), loss curves ``loss/*`` and the
-HParams; ``images/NAME.png`` (the final images, and ``images/grid.png`` for a batch); ``results.json``
+HParams; ``checkpoints/image.ckpt`` (Lightning's checkpoint of the image's parameters and the
+optimizer's state when the fit ends); ``images/NAME.png`` (the final images, and ``images/grid.png`` for a batch); ``results.json``
 with per-image metrics, their means, the loss at the first and last step, and timings. A diverged
 loss stops the run with a clear error after writing all of that.
 """
@@ -25,6 +26,8 @@ from vizkit.models import data_config
 
 
 def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model: torch.nn.Module, started: float) -> dict[str, Any]:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
     from vizkit.optimize.lightning import OptimizationTask, step_loader
     from vizkit.optimize.loop import frozen
     from vizkit.runner import _hparam, _trainer
@@ -49,7 +52,12 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
     read = time.perf_counter()
 
     # loss curves every few steps (each logged step costs ~1-2 ms), pictures every log_every
-    trainer, logger = _trainer(trainer_cfg, run_dir, log_every_n_steps=min(method.config.log_every, 8), max_steps=method.config.steps)
+    # a checkpoint of the image (its parameters and the optimizer's state, not the network's weights)
+    # when the fit ends (the whole fit is one epoch): checkpoints/image.ckpt
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="image", every_n_epochs=1, save_on_train_epoch_end=True,
+                                 save_top_k=1, enable_version_counter=False)
+    trainer, logger = _trainer(trainer_cfg, run_dir, log_every_n_steps=min(method.config.log_every, 8), max_steps=method.config.steps,
+                               enable_checkpointing=True, callbacks=[checkpoint])
     writer = output.RunWriter(run_dir, method.name, logger.experiment)
     task = OptimizationTask(problem, method.config, lambda step, pixels: writer.add_image_batch(problem.names, pixels, step))
     with frozen(model):
