@@ -19,6 +19,7 @@ import contextlib
 import copy
 import datetime
 import gc
+import importlib.util
 import json
 import platform
 import statistics
@@ -853,6 +854,8 @@ def optimization_row(name: str, model: nn.Module, batch: int, size: int, steps: 
     }
     lucent = with_peer and name == "feature_viz"
     peer_extra: dict[str, Any] = {}
+    if lucent and importlib.util.find_spec("lucent") is None:  # a peer, not a dependency: the bench extra has it
+        lucent, peer_extra["peer_note"] = False, "lucent is not installed: `make bench` installs the bench extra (torch-lucent)"
     if lucent:
         fns.update(lucent_fns(model, size, batch, steps, peer_extra))
     # warm-ups: a 2-step fit (Lightning's first fit pays one-time costs), one pass of each floor; the
@@ -903,7 +906,7 @@ def optimization_row(name: str, model: nn.Module, batch: int, size: int, steps: 
                           peer_over_own_floor=times_per_step["peer"].median / peer_floor,
                           peer2_over_own_floor=times_per_step["peer2"].median / peer_floor)
         peer_extra.pop("peer_floor_passes")
-        extra.update(peer_extra)
+    extra.update(peer_extra)
     row_times = {k: v for k, v in times_per_step.items() if k != "peer2"}
     note = ("seconds: trainer.fit of the runner's Trainer (TensorBoard logger, loss scalars, images at step 0, every "
             "log_every and the last; Trainer and problem construction excluded) per step; floor: one forward + backward "
