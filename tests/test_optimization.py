@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vizkit
-from conftest import images_in, model_state
+from conftest import hparams_in, images_in, model_state
 from tiny_models import single_thread
 from vizkit.errors import ConfigError
 from vizkit.hooks import layer_outputs
@@ -164,6 +164,8 @@ def test_class_model_run_logs_the_image_forming(vizkit_cli):
     assert checkpoint["state_dict"]["problem.image.pixels"].shape == (6, 3, 128, 128)
     tags = images_in(run.run_dir)
     assert [event.step for event in tags["class_model/star"]] == [0, 16, 32, 40]
+    start = hparams_in(run.run_dir)["_hparams_/session_start_info"].decode("latin-1")
+    assert "method.l2" in start and "hparams/probability" in hparams_in(run.run_dir)["_hparams_/experiment"].decode("latin-1")
     assert "1 image(s)" not in run.stdout and "6 image(s), 40 steps" in run.stdout
 
 
