@@ -39,7 +39,8 @@ from torch import nn
 
 THREADS = 1
 GRADIENT_METHODS = ("saliency", "guided_backprop", "deconvnet", "input_x_gradient")
-METHODS = ("occlusion", *GRADIENT_METHODS, "gradcam", "guided_gradcam", "integrated_gradients", "smoothgrad")
+ADVERSARIAL_METHODS = ("fgsm", "pgd")
+METHODS = ("occlusion", *GRADIENT_METHODS, "gradcam", "guided_gradcam", "integrated_gradients", "smoothgrad", *ADVERSARIAL_METHODS)
 METRICS = ("deletion", "insertion", "pointing_game", "mask_energy", "randomization")
 MODEL = "resnet18"
 CHUNK_CANDIDATES = (8, 16, 32, 64)  # images per forward tried for a peer's batching knob
@@ -233,6 +234,56 @@ def gradient_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Ten
     if name in ("guided_backprop", "deconvnet"):
         note += "; captum gets a copy with inplace=False ReLUs"
     return Row.timed(name, x, times, peer_name, note=note)
+
+
+# ------------------------------------------------------------------ attacks
+
+
+PGD_STEPS = 10
+
+
+def attack_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int) -> Row:
+    """FGSM (1 step) or PGD L∞ (10 steps, random start) at ε 8/255, step 2/255, against torchattacks
+    on the same pixels with the model's normalization set (``set_normalization_used``). Labels: the
+    row's targets, untargeted. Floor: ``steps`` x (forward of the normalized pixels + cross-entropy +
+    autograd.grad to the input)."""
+    import torch.nn.functional as F
+    import torchattacks
+
+    import vizkit
+    from vizkit.pixels import PixelSpace
+
+    steps = 1 if name == "fgsm" else PGD_STEPS
+    fields = {"eps": "8/255"} if name == "fgsm" else {"eps": "8/255", "step_size": "2/255", "steps": steps, "random_start": True}
+    method = vizkit.create_method(name, **fields)
+    space = PixelSpace.for_model(model)
+    pixels = space.to_pixels(x).clamp(0, 1)
+    if name == "fgsm":
+        peer = torchattacks.FGSM(model, eps=8 / 255)
+    else:
+        peer = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=steps, random_start=True)
+    peer.set_normalization_used(mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"])
+
+    def floor():
+        adversarial = pixels
+        for _ in range(steps):
+            adversarial = adversarial.detach().requires_grad_()
+            loss = F.cross_entropy(model(space.from_pixels(adversarial)), target)
+            (gradient,) = torch.autograd.grad(loss, adversarial)
+            adversarial = adversarial + gradient.sign()
+        return adversarial
+
+    space_x = space.from_pixels(pixels)
+    times = time_alternating({
+        "method": lambda: method.attack(model, space_x, target),
+        "floor": floor,
+        "peer": lambda: peer(pixels, target),
+    }, repeats)
+    note = (f"eps 8/255 (pixels), {steps} step(s)" + ("" if name == "fgsm" else ", step 2/255, random start") +
+            "; torchattacks on the same pixels with set_normalization_used(mean, std); floor: steps x (forward + "
+            "cross-entropy + autograd.grad to the input)")
+    return Row.timed(name, x, times, f"torchattacks.{type(peer).__name__}", passes=x.shape[0] * steps,
+                     settings={"eps": "8/255", "steps": steps}, note=note)
 
 
 # ------------------------------------------------------------------ Grad-CAM
@@ -1036,6 +1087,8 @@ def method_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tenso
         return integrated_gradients_row(model, x, target, plan.ig_steps[batch], plan.ig_repeats[batch])
     if name == "smoothgrad":
         return smoothgrad_row(model, x, target, plan.smoothgrad_samples[batch], plan.smoothgrad_repeats[batch])
+    if name in ADVERSARIAL_METHODS:
+        return attack_row(name, model, x, target, plan.repeats[batch] if name == "fgsm" else max(3, plan.repeats[batch] - 2))
     return gradient_row(name, model, x, target, plan.repeats[batch])
 
 

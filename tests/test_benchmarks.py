@@ -13,17 +13,18 @@ KEYS = {"method", "model", "batch", "size", "threads", "stage", "seconds", "floo
 
 
 def test_quick_benchmark_prints_one_json_row_per_method_and_metric():
-    rows = "saliency,occlusion,gradcam,deletion,mask_energy"  # the cheap ones of each kind of row
+    rows = "saliency,occlusion,gradcam,fgsm,deletion,mask_energy"  # the cheap ones of each kind of row
     completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--rows", rows],
                                capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr
     lines = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
     rows = {line["method"]: line for line in lines if "method" in line}
-    assert set(rows) == {"saliency", "occlusion", "gradcam", "deletion", "mask_energy"}
+    assert set(rows) == {"saliency", "occlusion", "gradcam", "fgsm", "deletion", "mask_energy"}
     for row in rows.values():
         assert KEYS <= set(row) and row["threads"] == 1 and row["seconds"] > 0 and row["floor_seconds"] > 0
     for name in ("saliency", "occlusion", "gradcam"):
         assert rows[name]["stage"] == "method" and rows[name]["peer"].startswith("captum") and rows[name]["ratio"] > 0
+    assert rows["fgsm"]["stage"] == "method" and rows["fgsm"]["peer"] == "torchattacks.FGSM" and rows["fgsm"]["passes"] == 1
     assert rows["gradcam"]["peer2"].startswith("pytorch_grad_cam") and rows["gradcam"]["peer2_seconds"] > 0
     assert rows["deletion"]["stage"] == "metric" and rows["deletion"]["peer"] is None and rows["deletion"]["ratio"] > 0
     assert rows["mask_energy"]["stage"] == "metric" and rows["mask_energy"]["ratio"] is None  # no pass: no floor ratio

@@ -97,6 +97,23 @@ class RunWriter:
             file.write(render.png(picture))
         return relative
 
+    def add_panels(self, items: list[tuple[str, str, list[np.ndarray]]]) -> list[str]:
+        """Pictures side by side, one panel per item ``(name, tag, pictures)``: encoded once (in
+        parallel), written as images/NAME.png and as the TensorBoard image TAG; returns the paths."""
+
+        def encode(item: tuple[str, str, list[np.ndarray]]) -> tuple[str, bytes]:
+            name, tag, pictures = item
+            picture = render.panel(pictures)
+            encoded = render.png(picture)
+            relative = f"images/{name}.png"
+            (self.run_dir / relative).write_bytes(encoded)
+            return relative, image_record(tag, picture, encoded=encoded)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(items), os.cpu_count() or 1, 8))) as pool:
+            encoded = list(pool.map(encode, items))
+        self._events().write(b"".join(record for _, record in encoded))
+        return [relative for relative, _ in encoded]
+
     def _events(self) -> "ImageEventFile":
         if self.image_events is None:
             self.image_events = ImageEventFile(Path(self.writer.get_logdir()))

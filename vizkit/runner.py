@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from vizkit import output
 from vizkit.data import Sample, load_samples
 from vizkit.errors import ConfigError
-from vizkit.methods.base import AttributionMethod, OptimizationMethod
+from vizkit.methods.base import AdversarialMethod, AttributionMethod, OptimizationMethod
 from vizkit.metrics import metric_from_config
 from vizkit.metrics.base import Metric, MetricInputs
 from vizkit.models import class_label, class_names, data_config, load_model
@@ -41,34 +41,50 @@ class _Samples(Dataset):
         return self.samples[index].pixels, index
 
 
-def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: TargetSpec, pixels: PixelSpace,
-                      metrics: list[Metric], masks: list[torch.Tensor | None]):
+def pixel_task():
+    """The base of the runner's predict tasks: a LightningModule holding the model and its input
+    normalization, which ``space(images)`` gives on the batch's device."""
     import pytorch_lightning as pl
 
-    class AttributionTask(pl.LightningModule):
-        """The method, then the metrics, per batch. Predictions (top-5 and the 'predicted' target) come
-        from the method's own first forward on the clean input; only a method that makes none costs
-        one more forward."""
-
-        def __init__(self) -> None:
+    class PixelTask(pl.LightningModule):
+        def __init__(self, model: torch.nn.Module, pixels: PixelSpace) -> None:
             super().__init__()
             self.model = model
             self.mean, self.std = pixels.mean, pixels.std
 
+        def space(self, images: torch.Tensor) -> PixelSpace:
+            return PixelSpace(self.mean.to(images.device), self.std.to(images.device))
+
+    return PixelTask
+
+
+def timed_with_grad(device: torch.device, work: Any) -> tuple[Any, float]:
+    """``work()`` with gradients enabled (Lightning predicts without them) and its wall seconds, the
+    GPU synchronized around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    with torch.enable_grad():
+        result = work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started
+
+
+def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: TargetSpec, pixels: PixelSpace,
+                      metrics: list[Metric], masks: list[torch.Tensor | None]):
+    class AttributionTask(pixel_task()):
+        """The method, then the metrics, per batch. Predictions (top-5 and the 'predicted' target) come
+        from the method's own first forward on the clean input; only a method that makes none costs
+        one more forward."""
+
         def predict_step(self, batch, batch_idx):
             images, indices = batch
-            space = PixelSpace(self.mean.to(images.device), self.std.to(images.device))
+            space = self.space(images)
             x = space.from_pixels(images)
             # 'predicted' reads the classes from the method's own first forward on x (no extra pass)
             target = PredictedClassTarget(self.model, x) if spec.kind == "predicted" else resolve_spec(spec, self.model, x.shape[0])
-            if images.device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            with torch.enable_grad():  # Lightning predicts without grad; gradient methods need it
-                explained = method.explain(self.model, x, target, mean=space.mean, std=space.std)
-            if images.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
+            explained, seconds = timed_with_grad(images.device, lambda: method.explain(self.model, x, target, mean=space.mean, std=space.std))
             logits = getattr(target, "clean_logits", None)
             if logits is None:  # the method never ran the model on x itself (e.g. a channel target)
                 with torch.no_grad():
@@ -97,7 +113,7 @@ def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: T
                 "metric_seconds": time.perf_counter() - started,
             }
 
-    return AttributionTask()
+    return AttributionTask(model, pixels)
 
 
 def _trainer(trainer_cfg: Any, run_dir: Path, **settings: Any):
@@ -134,6 +150,29 @@ def _trainer(trainer_cfg: Any, run_dir: Path, **settings: Any):
 def _load(model_cfg: Any) -> torch.nn.Module:
     return load_model(model_cfg.name, pretrained=bool(model_cfg.get("pretrained", False)),
                       checkpoint=model_cfg.get("checkpoint"), num_classes=model_cfg.get("num_classes"))
+
+
+def predict_samples(cfg: Any, run_dir: Path, task: Any, samples: list[Sample]) -> tuple[Any, Any, list[dict[str, Any]] | None]:
+    """``task.predict_step`` over the samples in batches of ``data.batch_size``, by the Trainer the
+    config asks for: (trainer, logger, every rank's batches on rank 0 / None elsewhere)."""
+    trainer, logger = _trainer(cfg.get("trainer", {}), run_dir)
+    loader = DataLoader(_Samples(samples), batch_size=int(cfg.data.get("batch_size", 8)), shuffle=False)
+    return trainer, logger, _gather(trainer, trainer.predict(task, dataloaders=loader), run_dir)
+
+
+def run_header(method: Any, cfg: Any, target: Any, trainer: Any) -> dict[str, Any]:
+    """The first entries of every results.json: the method and its config, the model, the target, the device."""
+    return {
+        "method": {"name": method.name, "kind": method.kind, "config": asdict(method.config)},
+        "model": {"name": str(cfg.model.name), "pretrained": bool(cfg.model.get("pretrained", False)), "checkpoint": cfg.model.get("checkpoint")},
+        "target": str(target),
+        "device": str(trainer.strategy.root_device),
+    }
+
+
+def method_hparams(method: Any) -> dict[str, Any]:
+    """The method and its fields as TensorBoard HParams (numbers, strings, booleans)."""
+    return {"method": method.name, **{f"method.{k}": _hparam(v) for k, v in asdict(method.config).items()}}
 
 
 def _top5(probabilities: torch.Tensor, names: list[str] | None) -> list[dict[str, Any]]:
@@ -210,21 +249,23 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     run_dir = Path(run_dir)
     output.check_fresh(run_dir)
     method = method_from_config(cfg.method)
+    if cfg.get("seed") is not None:
+        torch.manual_seed(int(cfg.seed))
     if isinstance(method, OptimizationMethod):
         from vizkit.optimize.run import run_optimization
 
-        if cfg.get("seed") is not None:
-            torch.manual_seed(int(cfg.seed))
         return run_optimization(cfg, run_dir, method, _load(cfg.model), started)
+    if isinstance(method, AdversarialMethod):
+        from vizkit.adversarial import run_adversarial
+
+        return run_adversarial(cfg, run_dir, method, _load(cfg.model), started)
     spec = parse_target(cfg.get("target", "predicted"))
     if method.kind != "attribution" or not isinstance(method, AttributionMethod):
-        raise ConfigError(f"method '{method.name}' is of kind '{method.kind}', which this vizkit's runner does not run yet; attribution and optimization methods run")
+        raise ConfigError(f"method '{method.name}' is of kind '{method.kind}', which this vizkit's runner does not run yet; attribution, optimization and adversarial methods run")
     target_kind = "class" if spec.kind == "predicted" else spec.kind
     if target_kind not in method.target_kinds:
         raise ConfigError(f"{method.name} cannot explain a {target_kind} target ('{spec}'); it takes: {', '.join(sorted(method.target_kinds))}")
     metrics = _metrics(cfg, method, target_kind)
-    if cfg.get("seed") is not None:
-        torch.manual_seed(int(cfg.seed))
 
     model_cfg = cfg.model
     model = _load(model_cfg)
@@ -243,9 +284,7 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
 
     pixels = PixelSpace.from_stats(model_data["mean"], model_data["std"])
     task = _attribution_task(model, method, spec, pixels, metrics, [sample.mask for sample in samples])
-    trainer, logger = _trainer(cfg.get("trainer", {}), run_dir)
-    loader = DataLoader(_Samples(samples), batch_size=int(cfg.data.get("batch_size", 8)), shuffle=False)
-    batches = _gather(trainer, trainer.predict(task, dataloaders=loader), run_dir)
+    trainer, logger, batches = predict_samples(cfg, run_dir, task, samples)
     computed = time.perf_counter()
     if batches is None:  # a non-zero rank of a multi-device run: rank 0 writes everything
         return None
@@ -293,8 +332,7 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     for name, curve in curves.items():  # one point per step: a deletion curve, a randomization cascade
         for step, value in enumerate(curve["mean"]):
             writer.add_scalars({f"curves/{name}": value}, step=step)
-    hparams = {"method": method.name, **{f"method.{k}": _hparam(v) for k, v in asdict(method.config).items()},
-               "model": str(model_cfg.name), "target": str(spec), "data": str(cfg.data.get("kind")), "inputs": len(samples),
+    hparams = {**method_hparams(method), "model": str(model_cfg.name), "target": str(spec), "data": str(cfg.data.get("kind")), "inputs": len(samples),
                "metrics": ",".join(m.name for m in metrics)}
     logger.log_hyperparams(hparams, metrics={"hparams/seconds_per_input": timings["seconds_per_input"],
                                              **{f"hparams/{k}": v for k, v in summary.items()}})

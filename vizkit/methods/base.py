@@ -33,6 +33,11 @@ class below that does its argument handling, so a method file is only its idea:
   problem as a Lightning ``fit``. Its ``Config`` subclasses ``OptimizationConfig`` (steps, lr,
   optimizer, log_every, seed, max_loss).
 
+* ``AdversarialMethod``: implement ``perturb(model, pixels, labels, targets, space) -> adversarial
+  pixels`` (pixel space [0, 1]; ``space`` normalizes for the model); callers use
+  ``attack(model, x, labels, target=...)`` in the model's input space. ε and step sizes are pixel
+  units (``eps="8/255"`` as written).
+
 What ``compute`` can rely on, and what it owes:
 
 * ``x`` is detached, on the model's device; a class ``target`` has its indices on that device too.
@@ -212,4 +217,75 @@ class OptimizationMethod(Method):
 
     def setup(self, model: "torch.nn.Module", target: Any, images: "torch.Tensor | None", pixels: "PixelSpace"):
         """The method's idea: build and return a ``vizkit.optimize.problem.Problem``."""
+        raise NotImplementedError
+
+
+class AdversarialMethod(Method):
+    """Change the network's mind by a small change of the input (or make it see a class in nothing).
+
+    Subclasses implement ``perturb``, in pixel space; callers use ``attack`` in the model's input space.
+    ``targeted``: whether the method can drive inputs to a chosen class (``target=class:...``).
+    """
+
+    kind: ClassVar[str] = "adversarial"
+    targeted: ClassVar[bool] = True
+
+    def attack(self, model: "torch.nn.Module", x: "torch.Tensor", labels: Any = None, *, target: Any = None,
+               mean: Any = None, std: Any = None) -> "torch.Tensor":
+        """Adversarial versions of the batch ``x`` (the model's input ``[B,3,H,W]``, normalized as it
+        expects; from a plain ``nn.Module`` with no data config and no ``mean``/``std``, ``x`` is taken
+        as pixels in [0, 1], as torchattacks does), detached, in the same space as ``x``.
+
+        ``labels``: the true classes ([B] indices, a sequence, or None for the model's clean
+        prediction): an untargeted attack moves away from them. ``target``: None (untargeted) or a
+        class for every input (``"class:star"``, an index, or [B] indices): a targeted attack moves
+        towards it. The model is not modified.
+        """
+        import torch
+
+        from vizkit.pixels import PixelSpace
+
+        if x.dim() != 4:
+            raise ConfigError(f"{self.name}: expected an input batch [B,C,H,W], got shape {tuple(x.shape)}")
+        space = PixelSpace.for_model(model, mean=mean, std=std, device=x.device)
+        pixels = space.to_pixels(x.detach()).clamp(0, 1)
+        labels = self.labels(model, x, labels)
+        targets = self.targets(model, x, target)
+        with torch.enable_grad():
+            adversarial = self.perturb(model, pixels, labels, targets, space)
+        return space.from_pixels(adversarial.detach()).to(x.dtype)
+
+    def labels(self, model: "torch.nn.Module", x: "torch.Tensor", labels: Any) -> "torch.Tensor":
+        """[B] long labels on x's device: those given, else the model's clean top-1 prediction."""
+        import torch
+
+        if labels is None:
+            with torch.no_grad():
+                return model(x).argmax(1)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=x.device).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(x.shape[0])
+        if labels.numel() != x.shape[0]:
+            raise ConfigError(f"{self.name}: {labels.numel()} labels for a batch of {x.shape[0]}")
+        return labels
+
+    def targets(self, model: "torch.nn.Module", x: "torch.Tensor", target: Any) -> "torch.Tensor | None":
+        """[B] long target classes, or None for an untargeted attack."""
+        from vizkit.targets import ClassTarget, resolve_target
+
+        if target is None or (isinstance(target, str) and target.strip().lower() == "predicted"):
+            return None
+        if not self.targeted:
+            raise ConfigError(f"{self.name} is untargeted: it takes no target (drop target=...)")
+        resolved = resolve_target(target, model, x)
+        if not isinstance(resolved, ClassTarget):
+            raise ConfigError(f"{self.name} drives inputs to a class: use target=class:NAME or class:INDEX, not {resolved}")
+        return resolved.indices.to(x.device)
+
+    def perturb(self, model: "torch.nn.Module", pixels: "torch.Tensor", labels: "torch.Tensor",
+                targets: "torch.Tensor | None", space: "PixelSpace") -> "torch.Tensor":
+        """The method's math, in pixel space: ``pixels`` [B,3,H,W] in [0, 1] (detached), ``labels`` [B],
+        ``targets`` [B] or None; the model takes ``space.from_pixels(p)``. Return adversarial pixels,
+        valid ([0, 1]) and within the method's budget. Gradients are enabled; ask autograd for the
+        input's gradient only (``torch.autograd.grad``), never the weights'."""
         raise NotImplementedError

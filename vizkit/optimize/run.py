@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
 
     from vizkit.optimize.lightning import OptimizationTask, step_loader
     from vizkit.optimize.loop import frozen
-    from vizkit.runner import _hparam, _trainer
+    from vizkit.runner import _trainer, method_hparams, run_header
 
     trainer_cfg = cfg.get("trainer", {})
     if int(trainer_cfg.get("devices", 1) or 1) != 1:
@@ -86,15 +85,11 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
         "steps": steps_done,
         "seconds_per_step": (fitted - read) / max(steps_done, 1),
     }
-    hparams = {"method": method.name, **{f"method.{k}": _hparam(v) for k, v in asdict(method.config).items()},
-               "model": str(cfg.model.name), "target": str(target), "images": len(records)}  # the target used
+    hparams = {**method_hparams(method), "model": str(cfg.model.name), "target": str(target), "images": len(records)}  # the target used
     logger.log_hyperparams(hparams, metrics={f"hparams/{k}": v for k, v in summary.items() if math.isfinite(v)})
     writer.add_scalars({f"metrics/{k}": v for k, v in summary.items() if math.isfinite(v)})
     results = {
-        "method": {"name": method.name, "kind": method.kind, "config": asdict(method.config)},
-        "model": {"name": str(cfg.model.name), "pretrained": bool(cfg.model.get("pretrained", False)), "checkpoint": cfg.model.get("checkpoint")},
-        "target": str(target),
-        "device": str(trainer.strategy.root_device),
+        **run_header(method, cfg, target, trainer),
         "images": records,
         "metrics": summary,
         "history": {"steps": task.history.steps, **task.history.losses},
