@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchattacks
 from conftest import model_state
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tiny_models import pixel_batch, single_thread, timm_model, tiny_relu_net
@@ -108,7 +108,7 @@ def test_targeting_by_function_gives_the_same_as_by_label(resnet, batch):
 TINY_MODELS = [tiny_relu_net("module", seed=seed) for seed in (0, 1)]
 
 
-@settings(max_examples=30, deadline=None, database=None)
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])  # a busy CI core is not a bug
 @given(
     model_index=st.sampled_from(range(len(TINY_MODELS))),
     method_name=st.sampled_from(["fgsm", "pgd"]),

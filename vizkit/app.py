@@ -99,6 +99,8 @@ def _main(cfg: DictConfig) -> None:
         return
     if "images" in results:  # an optimization
         print(f"vizkit: {results['method']['name']}: {len(results['images'])} image(s), {results['timings']['steps']} steps, {results['device']} -> {run_dir}")  # user-facing
+    elif "pictures" in results:  # an inspection
+        print(f"vizkit: {results['method']['name']}: {len(results['pictures'])} picture(s){' from %d input(s)' % results['scanned'] if results['scanned'] else ''}, {results['device']} -> {run_dir}")  # user-facing
     else:
         print(f"vizkit: {results['method']['name']} on {len(results['inputs'])} input(s), {results['device']} -> {run_dir}")  # user-facing
     print(f"vizkit: review with: tensorboard --logdir {_review_dir(run_dir)}")  # user-facing

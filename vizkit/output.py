@@ -97,6 +97,16 @@ class RunWriter:
             file.write(render.png(picture))
         return relative
 
+    def add_picture(self, name: str, tag: str, picture: np.ndarray) -> str:
+        """A picture encoded once, written as images/NAME.png and as the TensorBoard image TAG;
+        returns the path relative to the run directory."""
+        encoded = render.png(picture)
+        relative = f"images/{name}.png"
+        with open(self.run_dir / relative, "xb") as file:  # never replace an earlier picture
+            file.write(encoded)
+        self._events().write(image_record(tag, picture, encoded=encoded))
+        return relative
+
     def add_panels(self, items: list[tuple[str, str, list[np.ndarray]]]) -> list[str]:
         """Pictures side by side, one panel per item ``(name, tag, pictures)``: encoded once (in
         parallel), written as images/NAME.png and as the TensorBoard image TAG; returns the paths."""

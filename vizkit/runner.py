@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from vizkit import output
 from vizkit.data import Sample, load_samples
 from vizkit.errors import ConfigError
-from vizkit.methods.base import AdversarialMethod, AttributionMethod, OptimizationMethod
+from vizkit.methods.base import AdversarialMethod, AttributionMethod, InspectionMethod, OptimizationMethod
 from vizkit.metrics import metric_from_config
 from vizkit.metrics.base import Metric, MetricInputs
 from vizkit.models import class_label, class_names, data_config, load_model
@@ -259,9 +259,13 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
         from vizkit.adversarial import run_adversarial
 
         return run_adversarial(cfg, run_dir, method, _load(cfg.model), started)
+    if isinstance(method, InspectionMethod):
+        from vizkit.inspection import run_inspection
+
+        return run_inspection(cfg, run_dir, method, _load(cfg.model), started)
     spec = parse_target(cfg.get("target", "predicted"))
     if method.kind != "attribution" or not isinstance(method, AttributionMethod):
-        raise ConfigError(f"method '{method.name}' is of kind '{method.kind}', which this vizkit's runner does not run yet; attribution, optimization and adversarial methods run")
+        raise ConfigError(f"method '{method.name}' is of kind '{method.kind}', which this vizkit's runner does not run yet; attribution, optimization, adversarial and inspection methods run")
     target_kind = "class" if spec.kind == "predicted" else spec.kind
     if target_kind not in method.target_kinds:
         raise ConfigError(f"{method.name} cannot explain a {target_kind} target ('{spec}'); it takes: {', '.join(sorted(method.target_kinds))}")

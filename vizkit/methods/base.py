@@ -38,6 +38,12 @@ class below that does its argument handling, so a method file is only its idea:
   ``attack(model, x, labels, target=...)`` in the model's input space. ε and step sizes are pixel
   units (``eps="8/255"`` as written).
 
+* ``InspectionMethod``: looks at the network itself (its weights, or what excites it over a data set)
+  and returns ``Inspection(pictures, tags, metrics, records)``. A data-free method (``filters``)
+  implements ``finish`` only; a data-set scan (``needs_data = True``) also ``start``, ``update``
+  (per batch, on the device) and ``merge`` (one state per device → one). Callers use
+  ``inspect(model, images)``; the ``vizkit`` command streams ``data=`` through ``Trainer.predict``.
+
 What ``compute`` can rely on, and what it owes:
 
 * ``x`` is detached, on the model's device; a class ``target`` has its indices on that device too.
@@ -63,6 +69,7 @@ from vizkit.configured import Configured, NoConfig
 from vizkit.errors import ConfigError
 
 if TYPE_CHECKING:  # the contract module itself needs no torch
+    import numpy as np
     import torch
 
     from vizkit.pixels import PixelSpace
@@ -288,4 +295,103 @@ class AdversarialMethod(Method):
         ``targets`` [B] or None; the model takes ``space.from_pixels(p)``. Return adversarial pixels,
         valid ([0, 1]) and within the method's budget. Gradients are enabled; ask autograd for the
         input's gradient only (``torch.autograd.grad``), never the weights'."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class Inspection:
+    """What an inspection method returns: pictures, where TensorBoard shows them, numbers, notes."""
+
+    pictures: dict[str, "np.ndarray"]  # name -> HxWx3 uint8; the name is also the PNG's (images/NAME.png)
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> TensorBoard tag; missing: METHOD/NAME
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # scalars, HParams, results.json
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # JSON-able details for results.json
+
+
+class InspectionMethod(Method):
+    """Look inside the network: its weights, or what excites it over a data set.
+
+    The work is split so that a data-set scan runs at the speed of plain inference on any number of
+    devices (top-k on the device, one state per device, merged at the end):
+
+    * ``start(model, space) -> state``: the empty state, on ``space``'s device (default ``None``).
+    * ``update(state, model, pixels, indices, space) -> state``: one batch; ``pixels`` ``[B,3,H,W]``
+      in [0, 1] on the device (the model takes ``space.from_pixels(pixels)``), ``indices`` ``[B]``
+      long, the samples' positions in the data set, on the device too. Gradients are off.
+    * ``merge(states) -> state``: the states of several devices (each saw a disjoint part of the data
+      set) as one, as if one device had seen everything (default: the single state).
+    * ``finish(state, model, space, fetch) -> Inspection``: the pictures and numbers; ``fetch(index)``
+      gives a sample's pixels ``[3,H,W]`` back (to crop a patch), so a state need only keep indices.
+
+    A state is plain data: tensors, numbers, strings and lists/dicts of them (it crosses processes
+    through ``torch.load(weights_only=True)``). ``needs_data``: whether ``update`` must see images; a
+    method that needs none implements ``finish`` only. Never modify the model.
+    """
+
+    kind: ClassVar[str] = "inspection"
+    needs_data: ClassVar[bool] = False
+
+    def inspect(self, model: "torch.nn.Module", images: "torch.Tensor | None" = None, *, mean: Any = None, std: Any = None,
+                batch_size: int = 32) -> Inspection:
+        """``start`` → ``update`` over ``images`` (pixels ``[N,3,H,W]`` in [0, 1]; required when
+        ``needs_data``) in batches of ``batch_size`` on the model's device → ``finish``.
+        ``mean``/``std``: the model's input normalization; by default from its timm data config."""
+        import torch
+
+        from vizkit.pixels import PixelSpace
+
+        if images is None and self.needs_data:
+            raise ConfigError(f"{self.name} scans images: give a [N,3,H,W] batch of pixels in [0, 1]")
+        if images is not None and (images.dim() != 4 or images.shape[1] != 3):
+            raise ConfigError(f"{self.name}: expected images [N,3,H,W] (pixels in [0, 1]), got shape {tuple(images.shape)}")
+        if batch_size < 1:
+            raise ConfigError(f"{self.name}: batch_size must be positive, got {batch_size}")
+        self.check(model)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        space = PixelSpace.for_model(model, mean=mean, std=std, device=device)
+
+        def fetch(index: int) -> "torch.Tensor":
+            if images is None:
+                raise ConfigError(f"{self.name} was given no images to fetch sample {index} from")
+            return images[index].detach().float()
+
+        with torch.no_grad():
+            state = self.start(model, space)
+            for first in range(0, 0 if images is None else images.shape[0], batch_size):
+                pixels = images[first:first + batch_size].detach().to(device, torch.float32)
+                indices = torch.arange(first, first + pixels.shape[0], device=device)
+                state = self.update(state, model, pixels, indices, space)
+            return self.conclude(state, model, space, fetch)
+
+    def conclude(self, state: Any, model: "torch.nn.Module", space: "PixelSpace", fetch: Any) -> Inspection:
+        """``finish``, checked, with every picture's tag filled in (``METHOD/NAME`` by default)."""
+        inspection = self.finish(state, model, space, fetch)
+        for name, picture in inspection.pictures.items():
+            if not name or "/" in name or "\\" in name:  # it names a file in images/
+                raise ValueError(f"{self.name}: picture name {name!r} must be a non-empty file name without slashes")
+            if picture.ndim != 3 or picture.shape[2] != 3 or picture.dtype.name != "uint8":
+                raise TypeError(f"{self.name}: picture '{name}' must be an HxWx3 uint8 array, got {picture.dtype} {picture.shape}")
+        inspection.tags = {name: inspection.tags.get(name, f"{self.name}/{name}") for name in inspection.pictures}
+        inspection.metrics = {name: float(value) for name, value in inspection.metrics.items()}
+        return inspection
+
+    def check(self, model: "torch.nn.Module") -> None:
+        """Refuse a model this method cannot inspect (a layer it does not have) before any work."""
+
+    def start(self, model: "torch.nn.Module", space: "PixelSpace") -> Any:
+        """The state before any batch."""
+        return None
+
+    def update(self, state: Any, model: "torch.nn.Module", pixels: "torch.Tensor", indices: "torch.Tensor", space: "PixelSpace") -> Any:
+        """The state after one more batch."""
+        return state
+
+    def merge(self, states: list[Any]) -> Any:
+        """One state from the states of several devices (in rank order)."""
+        if len(states) != 1:
+            raise NotImplementedError(f"{self.name} cannot merge the states of {len(states)} devices; implement merge")
+        return states[0]
+
+    def finish(self, state: Any, model: "torch.nn.Module", space: "PixelSpace", fetch: Any) -> Inspection:
+        """The method's result from its final state."""
         raise NotImplementedError

@@ -1,0 +1,134 @@
+"""One inspection run: the method's ``Inspection`` written out as pictures, scalars and results.json.
+
+A method that needs no data (``filters``) goes straight to ``finish``. A data-set scan
+(``needs_data``) streams ``data=`` through ``Trainer.predict`` (devices, precision, the progress bar
+are Lightning's): each device keeps its own state, built by ``start`` and one ``update`` per batch;
+when the scan ends every device's state is merged into one (``merge``; across processes through
+rank files in the run directory, as the attribution runner gathers its batches), and rank 0 calls
+``finish`` and writes everything.
+
+Writes: ``images/NAME.png`` per picture, the same PNG bytes as the TensorBoard image of its tag
+(``METHOD/NAME`` unless the method says otherwise, e.g. ``filters/conv1/rgb|normalize=filter``),
+scalars ``metrics/*``, the HParams (the method's fields and its metrics), and ``results.json``:
+the run header, ``scanned`` (the inputs streamed), ``pictures`` (name, png, tag), ``metrics``,
+``records`` and ``timings``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vizkit import output
+from vizkit.data import load_samples
+from vizkit.errors import ConfigError
+from vizkit.methods.base import InspectionMethod
+from vizkit.models import data_config
+from vizkit.pixels import PixelSpace
+
+
+def _scan_task(model: torch.nn.Module, method: InspectionMethod, pixels: PixelSpace):
+    from vizkit.runner import pixel_task
+
+    class ScanTask(pixel_task()):
+        """The method's ``update`` per batch on this device's state; a batch returns only its size,
+        so a scan holds no more than the state however many inputs it sees."""
+
+        state: Any = None
+
+        def on_predict_start(self) -> None:
+            self.state = method.start(self.model, PixelSpace(self.mean.to(self.device), self.std.to(self.device)))
+
+        def predict_step(self, batch, batch_idx):
+            images, indices = batch
+            with torch.no_grad():
+                self.state = method.update(self.state, self.model, images, indices, self.space(images))
+            return len(indices)  # (None would make Lightning warn)
+
+    return ScanTask(model, pixels)
+
+
+def merge_ranks(trainer: Any, method: InspectionMethod, state: Any, run_dir: Path) -> Any:
+    """Every device's state merged into one on rank 0 (None elsewhere). Single process: ``merge``
+    of the one state, no files; several: each rank saves its state to ``.inspect-rankR.pt``, and
+    after a barrier rank 0 loads them all (onto its own device, ``weights_only``) and merges them."""
+    if trainer.world_size == 1:
+        return method.merge([state])
+    part = run_dir / f".inspect-rank{trainer.global_rank}.pt"
+    torch.save(state, part)
+    trainer.strategy.barrier("vizkit-inspect-merge")
+    if trainer.global_rank != 0:
+        return None
+    states = []
+    for rank in range(trainer.world_size):
+        path = run_dir / f".inspect-rank{rank}.pt"
+        states.append(torch.load(path, map_location=trainer.strategy.root_device, weights_only=True))  # our own plain data
+        path.unlink()
+    return method.merge(states)
+
+
+def run_inspection(cfg: Any, run_dir: Path, method: InspectionMethod, model: torch.nn.Module, started: float) -> dict[str, Any] | None:
+    from vizkit.runner import _trainer, method_hparams, predict_samples, run_header
+
+    target = cfg.get("target", "predicted")
+    if str(target) != "predicted":
+        raise ConfigError(f"{method.name} takes no target (drop target={target}); its fields say what to inspect "
+                          f"(see `vizkit method={method.name} --cfg job`)")
+    method.check(model)
+    loaded = time.perf_counter()
+    model_data = data_config(model)
+    pixels = PixelSpace.from_stats(model_data["mean"], model_data["std"])
+    samples = []
+    if method.needs_data:
+        samples = load_samples(cfg.data, model_data)
+        read = time.perf_counter()
+        task = _scan_task(model, method, pixels)
+        trainer, logger, _ = predict_samples(cfg, run_dir, task, samples)
+        scanned = time.perf_counter()
+        state = merge_ranks(trainer, method, task.state, run_dir)
+        if trainer.global_rank != 0:  # a non-zero rank of a multi-device run: rank 0 writes everything
+            return None
+    else:
+        read = scanned = time.perf_counter()
+        trainer, logger = _trainer(cfg.get("trainer", {}), run_dir)
+    device = trainer.strategy.root_device
+    space = PixelSpace(pixels.mean.to(device), pixels.std.to(device))
+    if not method.needs_data:
+        model.to(device)  # where the run says it ran
+        with torch.no_grad():
+            state = method.merge([method.start(model, space)])
+    merged = time.perf_counter()
+
+    def fetch(index: int) -> torch.Tensor:
+        if not samples:
+            raise ConfigError(f"{method.name} streamed no data: there is no sample {index} to fetch")
+        return samples[int(index)].pixels
+
+    with torch.no_grad():
+        inspection = method.conclude(state, model, space, fetch)
+    finished = time.perf_counter()
+
+    writer = output.RunWriter(run_dir, method.name, logger.experiment)
+    pictures = [{"name": name, "png": writer.add_picture(name, inspection.tags[name], picture), "tag": inspection.tags[name]}
+                for name, picture in inspection.pictures.items()]
+    writer.add_scalars({f"metrics/{k}": v for k, v in inspection.metrics.items()})
+    hparams = {**method_hparams(method), "model": str(cfg.model.name)}
+    if method.needs_data:
+        hparams.update({"data": str(cfg.data.get("kind")), "inputs": len(samples)})
+    logger.log_hyperparams(hparams, metrics={f"hparams/{k}": v for k, v in inspection.metrics.items()})
+    results = {
+        **run_header(method, cfg, None, trainer),
+        "target": None,
+        "scanned": len(samples),
+        "pictures": pictures,
+        "metrics": inspection.metrics,
+        "records": inspection.records,
+        "timings": {"model_load_seconds": loaded - started, "data_seconds": read - loaded, "scan_seconds": scanned - read,
+                    "merge_seconds": merged - scanned, "finish_seconds": finished - merged,
+                    "write_seconds": time.perf_counter() - finished, "run_seconds": time.perf_counter() - started},
+    }
+    writer.finish(results)
+    logger.finalize("success")
+    return results
