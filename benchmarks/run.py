@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """vizkit benchmarks: each method and metric against its floor (the bare passes it needs) and a peer.
 
-    python benchmarks/run.py [--quick] [--rows saliency,deletion,...] [--stages method,metric,runner,optimization] [--out FILE]
+    python benchmarks/run.py [--quick] [--rows saliency,deletion,...] [--stages method,metric,runner,optimization,scan] [--out FILE]
 
 Prints one JSON line per row (the first line is the machine canary and the versions); see
 benchmarks/README.md for the rows and columns. Everything runs on 1 torch thread (PITFALLS.md: with 2
@@ -289,7 +289,7 @@ def attack_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tenso
 # ------------------------------------------------------------------ Grad-CAM
 
 
-def layer_gradient_floor(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def layer_gradient_floor(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     """One forward with a hook that keeps `layer`'s output, then autograd.grad of the target logits' sum
     w.r.t. that output: the backward stops at the layer."""
     captured: list[torch.Tensor] = []
@@ -298,7 +298,8 @@ def layer_gradient_floor(model: nn.Module, layer: nn.Module, x: torch.Tensor, ta
         logits = model(x)
     finally:
         handle.remove()
-    (gradient,) = torch.autograd.grad(logits[torch.arange(x.shape[0]), target].sum(), captured[0])
+    score = logits.max(1).values if target is None else logits[torch.arange(x.shape[0]), target]  # None: the predicted class
+    (gradient,) = torch.autograd.grad(score.sum(), captured[0])
     return gradient
 
 
@@ -1038,6 +1039,132 @@ def lucent_fns(model: nn.Module, size: int, batch: int, steps: int, extra: dict[
             "peer_floor": lambda: input_gradient_passes(model, model, [full] * passes)}
 
 
+# ------------------------------------------------------------------ data-set scans
+
+
+SCANS = ("top_patches", "gradcam_scan")
+
+
+@dataclass
+class ScanPlan:
+    """A scan's data set: `images` random pixel images of side `size`, loaded `batch` at a time."""
+
+    size: int
+    images: int
+    batch: int
+    repeats: int
+
+    @classmethod
+    def make(cls, quick: bool) -> "ScanPlan":
+        return cls(64, 32, 8, 1) if quick else cls(224, 128, 32, 3)
+
+
+def scan_loader(plan: ScanPlan) -> Any:
+    """`plan.images` pixels in [0, 1] with their indices in a TensorDataset, batched by a DataLoader:
+    the one loader that method and floor both iterate."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    generator = torch.Generator().manual_seed(plan.images * 1000 + plan.size)
+    pixels = torch.rand(plan.images, 3, plan.size, plan.size, generator=generator)
+    return DataLoader(TensorDataset(pixels, torch.arange(plan.images)), batch_size=plan.batch)
+
+
+def inference_floor(model: nn.Module, loader: Any, space: Any) -> None:
+    """The model's plain batched inference over the loader: `model(space.from_pixels(pixels))`, no_grad."""
+    with torch.no_grad():
+        for pixels, _ in loader:
+            model(space.from_pixels(pixels))
+
+
+def scan_extra(times: dict[str, Timing], images: int) -> dict[str, Any]:
+    seconds, floor = times["method"].median, times["floor"].median
+    return {"images": images, "images_per_second": images / seconds, "floor_images_per_second": images / floor,
+            "throughput_ratio": floor / seconds}
+
+
+def warm_scan(fns: dict[str, Callable[[Any], Any]], loader: Any) -> None:
+    """One batch through each fn (the full warm-up would double the row's cost)."""
+    first = [next(iter(loader))]
+    for fn in fns.values():
+        fn(first)
+
+
+def top_patches_row(model: nn.Module, plan: ScanPlan) -> Row:
+    """start → update over the loader → merge([state]); finish (the crops) timed apart."""
+    import vizkit
+    from vizkit.pixels import PixelSpace
+
+    method = vizkit.create_method("top_patches", layer="layer4", channels="all", k=9)
+    loader = scan_loader(plan)
+    space = PixelSpace.for_model(model)
+
+    def scan(batches: Any = loader) -> Any:
+        with torch.no_grad():
+            state = method.start(model, space)
+            for pixels, indices in batches:
+                state = method.update(state, model, pixels, indices, space)
+            return method.merge([state])
+
+    def floor(batches: Any = loader) -> None:
+        inference_floor(model, batches, space)
+
+    warm_scan({"method": scan, "floor": floor}, loader)
+    times = time_alternating({"method": scan, "floor": floor}, plan.repeats, warmup=False)
+    state = scan()
+    chosen = vizkit.create_method("top_patches", layer="layer4", channels="top:6", k=9)
+    dataset = loader.dataset.tensors[0]
+    finish = time_alternating({"finish": lambda: chosen.conclude(state, model, space, lambda i: dataset[i])}, 1)["finish"]
+    extra = scan_extra(times, plan.images)
+    extra.update(finish_seconds=finish.median, finish_settings={"channels": "top:6", "k": 9},
+                 settings={"layer": "layer4", "channels": "all", "k": 9, "loader_batch": plan.batch})
+    note = ("seconds: start, update per loader batch, merge([state]) (finish not included: finish_seconds); floor: the same "
+            "loader's batches through model(space.from_pixels(pixels)) under no_grad, the whole model (the method stops "
+            "after layer4 and skips the head); throughput_ratio = floor / seconds (goal >= 0.9)")
+    return Row.timed("top_patches", torch.empty(plan.batch, 3, plan.size, plan.size), times, None, stage="scan",
+                     **extra, note=note)
+
+
+def predicted_layer_gradient(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer_gradient_floor` with each input's predicted class as target: one forward, backward to the layer."""
+    return layer_gradient_floor(model, layer, x, None)
+
+
+def gradcam_scan_row(model: nn.Module, plan: ScanPlan) -> Row:
+    """Data-set attribution: `create_method("gradcam").attribute(model, x)` (predicted class) per batch."""
+    import vizkit
+    from vizkit.pixels import PixelSpace
+
+    method = vizkit.create_method("gradcam")
+    loader = scan_loader(plan)
+    space = PixelSpace.for_model(model)
+
+    def scan(batches: Any = loader) -> None:
+        for pixels, _ in batches:
+            method.attribute(model, space.from_pixels(pixels))
+
+    def floor(batches: Any = loader) -> None:
+        inference_floor(model, batches, space)
+
+    def gradient_floor(batches: Any = loader) -> None:
+        for pixels, _ in batches:
+            predicted_layer_gradient(model, model.layer4, space.from_pixels(pixels))
+
+    fns = {"method": scan, "floor": floor, "gradient_floor": gradient_floor}
+    warm_scan(fns, loader)
+    times = time_alternating(fns, plan.repeats, warmup=False)
+    gradient = times["gradient_floor"]
+    extra = scan_extra(times, plan.images)
+    extra.update(gradient_floor_seconds=gradient.median, gradient_floor_min=min(gradient.wall),
+                 gradient_floor_images_per_second=plan.images / gradient.median,
+                 ratio_vs_gradient_floor=times["method"].median / gradient.median,
+                 settings={"layer": "layer4", "target": "predicted (None)", "loader_batch": plan.batch})
+    note = ("seconds: gradcam attribute(model, space.from_pixels(pixels)) per loader batch, target None (predicted class); "
+            "floor: plain no_grad inference over the same batches; gradient_floor: per batch one forward with a hook on "
+            "layer4, autograd.grad of the predicted logits' sum w.r.t. layer4's output")
+    return Row.timed("gradcam_scan", torch.empty(plan.batch, 3, plan.size, plan.size),
+                     {k: v for k, v in times.items() if k != "gradient_floor"}, None, stage="scan", **extra, note=note)
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -1104,21 +1231,22 @@ def metric_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tenso
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1, 64 px, few repeats, method and metric stages only")
-    parser.add_argument("--rows", default=",".join(METHODS + METRICS + OPTIMIZATION_METHODS),
-                        help="comma-separated methods, metrics and optimization methods (default: all)")
-    parser.add_argument("--stages", default="method,metric,runner,optimization",
+    parser.add_argument("--rows", default=",".join(METHODS + METRICS + OPTIMIZATION_METHODS + SCANS),
+                        help="comma-separated methods, metrics, optimization methods and scans (default: all)")
+    parser.add_argument("--stages", default="method,metric,runner,optimization,scan",
                         help="method (the Python API), metric (metrics' evaluate), runner (whole runs), optimization "
-                             "(optimization methods' Lightning fit per step); --quick: no runner")
+                             "(optimization methods' Lightning fit per step), scan (a data set's throughput); --quick: no runner")
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.rows.split(",") if m.strip()]
-    known = METHODS + METRICS + OPTIMIZATION_METHODS
+    known = METHODS + METRICS + OPTIMIZATION_METHODS + SCANS
     unknown = set(names) - set(known)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(known)}")
     methods = [name for name in names if name in METHODS]
     metrics = [name for name in names if name in METRICS]
     optimizations = [name for name in names if name in OPTIMIZATION_METHODS]
+    scans = [name for name in names if name in SCANS]
     stages = {s.strip() for s in args.stages.split(",")}
     if args.quick:
         stages -= {"runner"}
@@ -1133,6 +1261,7 @@ def main(argv: list[str] | None = None) -> None:
         text += f", peer {row.peer_seconds:.4f} s" if row.peer_seconds else ""
         text += f", plain {row.extra['plain_seconds']:.4f} s" if row.stage == "optimization" else ""
         text += f", write {row.extra['timings']['write_seconds']:.3f} s" if row.stage == "runner" else ""
+        text += f", {row.extra['images_per_second']:.1f} img/s, throughput {row.extra['throughput_ratio']:.3f}" if row.stage == "scan" else ""
         text += f" [{row.extra['row_seconds']:.0f} s]" if "row_seconds" in row.extra else ""
         print(text, file=sys.stderr, flush=True)
 
@@ -1175,6 +1304,15 @@ def main(argv: list[str] | None = None) -> None:
                     row.extra["row_seconds"] = time.perf_counter() - row_started
                     rows.append(row)
                     progress(row)
+    if "scan" in stages and scans:
+        scan_plan = ScanPlan.make(args.quick)
+        for name in scans:
+            set_threads()
+            row_started = time.perf_counter()
+            row = (top_patches_row if name == "top_patches" else gradcam_scan_row)(model, scan_plan)
+            row.extra["row_seconds"] = time.perf_counter() - row_started
+            rows.append(row)
+            progress(row)
     canary_end = canary()
 
     import captum

@@ -139,7 +139,10 @@ def test_the_result_stays_in_the_ball_and_in_pixel_range(model_index, method_nam
     if norm == "linf":
         assert delta["linf"].max() <= eps + 1e-6
     else:
-        assert (delta["l2"] <= eps * (1 + 1e-5)).all()
+        # float32 pixels near 1 are 6e-8 apart: adversarial - clean carries up to that per value, which
+        # matters for a tiny ε spread over many values (hypothesis found ε = 3e-4 over 192 values)
+        resolution = 6e-8 * adversarial[0].numel() ** 0.5
+        assert (delta["l2"] <= eps * (1 + 1e-5) + resolution).all()
 
 
 # ---------------------------------------------------------------- the embedded model

@@ -53,3 +53,19 @@ def test_quick_optimization_stage_prints_fit_rows_with_a_lucent_peer():
         return
     assert viz["peer"].startswith("lucent") and viz["peer_seconds"] > 0 and viz["peer2_seconds"] > 0
     assert min(viz["peer_hooks_after_call"]) > 0 and viz["peer_weight_grads"] == {"peer": True, "peer2": False}
+
+
+def test_quick_scan_stage_prints_throughput_rows_for_top_patches_and_gradcam():
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--stages", "scan"],
+                               capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr
+    lines = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
+    rows = {line["method"]: line for line in lines if "method" in line}
+    assert set(rows) == {"top_patches", "gradcam_scan"}
+    for row in rows.values():
+        assert KEYS <= set(row) and row["stage"] == "scan" and row["size"] == 64 and row["batch"] == 8 and row["images"] == 32
+        assert row["seconds"] > 0 and row["floor_seconds"] > 0 and row["ratio"] > 0 and row["peer"] is None
+        assert row["images_per_second"] > 0 and row["floor_images_per_second"] > 0
+        assert abs(row["throughput_ratio"] * row["ratio"] - 1) < 1e-3  # floor / method, the ratio's inverse
+    assert rows["top_patches"]["finish_seconds"] > 0 and rows["top_patches"]["finish_settings"] == {"channels": "top:6", "k": 9}
+    assert rows["gradcam_scan"]["gradient_floor_seconds"] > 0 and rows["gradcam_scan"]["ratio_vs_gradient_floor"] > 0
