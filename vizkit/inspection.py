@@ -51,22 +51,13 @@ def _scan_task(model: torch.nn.Module, method: InspectionMethod, pixels: PixelSp
 
 
 def merge_ranks(trainer: Any, method: InspectionMethod, state: Any, run_dir: Path) -> Any:
-    """Every device's state merged into one on rank 0 (None elsewhere). Single process: ``merge``
-    of the one state, no files; several: each rank saves its state to ``.inspect-rankR.pt``, and
-    after a barrier rank 0 loads them all (onto its own device, ``weights_only``) and merges them."""
-    if trainer.world_size == 1:
-        return method.merge([state])
-    part = run_dir / f".inspect-rank{trainer.global_rank}.pt"
-    torch.save(state, part)
-    trainer.strategy.barrier("vizkit-inspect-merge")
-    if trainer.global_rank != 0:
-        return None
-    states = []
-    for rank in range(trainer.world_size):
-        path = run_dir / f".inspect-rank{rank}.pt"
-        states.append(torch.load(path, map_location=trainer.strategy.root_device, weights_only=True))  # our own plain data
-        path.unlink()
-    return method.merge(states)
+    """Every device's state merged into one on rank 0 (None elsewhere): one process merges its one
+    state; several exchange theirs through rank files (``collect_on_rank_zero``), loaded onto rank
+    0's device."""
+    from vizkit.runner import collect_on_rank_zero
+
+    states = collect_on_rank_zero(trainer, state, run_dir, "inspect", map_location=trainer.strategy.root_device)
+    return None if states is None else method.merge(states)
 
 
 def run_inspection(cfg: Any, run_dir: Path, method: InspectionMethod, model: torch.nn.Module, started: float) -> dict[str, Any] | None:

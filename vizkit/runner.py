@@ -187,6 +187,24 @@ def _target_record(batch: dict[str, Any], row: int, names: list[str] | None) -> 
     return {"kind": batch["target_kind"], "spec": batch["target_spec"]}
 
 
+def collect_on_rank_zero(trainer: Any, value: Any, run_dir: Path, name: str, map_location: Any = None) -> list[Any] | None:
+    """Every rank's ``value`` (plain data: tensors, numbers, strings, lists and dicts), in rank order,
+    on rank 0; None elsewhere. Each rank saves ``.NAME-rankR.pt`` in the run directory; after a barrier
+    rank 0 loads them (``weights_only``) and removes them. One process: ``[value]``, no files."""
+    if trainer.world_size == 1:
+        return [value]
+    torch.save(value, run_dir / f".{name}-rank{trainer.global_rank}.pt")
+    trainer.strategy.barrier(f"vizkit-{name}")
+    if trainer.global_rank != 0:
+        return None
+    values = []
+    for rank in range(trainer.world_size):
+        path = run_dir / f".{name}-rank{rank}.pt"
+        values.append(torch.load(path, map_location=map_location, weights_only=True))  # our own plain data
+        path.unlink()
+    return values
+
+
 def _gather(trainer: Any, batches: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]] | None:
     """All ranks' predictions on rank 0 (None elsewhere).
 
@@ -194,19 +212,8 @@ def _gather(trainer: Any, batches: list[dict[str, Any]], run_dir: Path) -> list[
     inputs unevenly without padding; each batch carries its inputs' indices, so rank files merge
     exactly. Single-process runs pass straight through.
     """
-    if trainer.world_size == 1:
-        return batches
-    part = run_dir / f".rank{trainer.global_rank}.pt"
-    torch.save(batches, part)
-    trainer.strategy.barrier("vizkit-gather")
-    if trainer.global_rank != 0:
-        return None
-    merged = []
-    for rank in range(trainer.world_size):
-        path = run_dir / f".rank{rank}.pt"
-        merged += torch.load(path, weights_only=True)  # our own tensors, dicts, strings and floats
-        path.unlink()
-    return merged
+    ranks = collect_on_rank_zero(trainer, batches, run_dir, "predictions")
+    return None if ranks is None else [batch for rank in ranks for batch in rank]
 
 
 def _metrics(cfg: Any, method: AttributionMethod, target_kind: str) -> list[Metric]:
