@@ -95,7 +95,7 @@ def test_two_cpu_processes_give_the_same_results_as_one(vizkit_cli):
         assert sorted(one.files) == sorted(two.files)
         for name in one.files:
             np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6)
-    assert not list(double.run_dir.glob(".*-rank*.pt"))  # the rank files are gone
+    assert not list(double.run_dir.glob(".*-rank*"))  # the rank files (predictions, maps) are gone
     for one, two in zip(single.results["inputs"], double.results["inputs"]):  # metrics travel with their inputs
         assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
         assert two["curves"]["deletion"] == pytest.approx(one["curves"]["deletion"], abs=1e-6)

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from vizkit import output, render
-from vizkit.data import load_samples
+from vizkit.data import open_inputs
 from vizkit.errors import ConfigError
 from vizkit.methods.adversarial.budget import perturbation_norms
 from vizkit.methods.base import AdversarialMethod
 from vizkit.models import class_label, class_names, data_config
 from vizkit.pixels import PixelSpace
+from vizkit.stream import stream
 from vizkit.targets import parse_target, resolve_spec
 
 
@@ -36,8 +37,8 @@ def _attack_task(model: torch.nn.Module, method: AdversarialMethod, pixels: Pixe
     from vizkit.runner import pixel_task, timed_with_grad
 
     class AttackTask(pixel_task()):
-        def predict_step(self, batch, batch_idx):
-            images, indices = batch
+        def predict_batch(self, batch):
+            images, indices = batch["pixels"], batch["index"]
             space = self.space(images)
             with torch.no_grad():
                 clean_logits = self.model(space.from_pixels(images))
@@ -55,6 +56,7 @@ def _attack_task(model: torch.nn.Module, method: AdversarialMethod, pixels: Pixe
                 "clean": clean_logits.float().softmax(1).cpu(),
                 "adversarial": adversarial_logits.float().softmax(1).cpu(),
                 "pixels": adversarial.float().cpu(),
+                "clean_pixels": images.detach().float().cpu(),
                 "seconds": seconds,
             }
 
@@ -62,7 +64,7 @@ def _attack_task(model: torch.nn.Module, method: AdversarialMethod, pixels: Pixe
 
 
 def run_adversarial(cfg: Any, run_dir: Path, method: AdversarialMethod, model: torch.nn.Module, started: float) -> dict[str, Any] | None:
-    from vizkit.runner import _top5, method_hparams, predict_samples, run_header
+    from vizkit.runner import _top5, method_hparams, run_header, tensorboard_limit
 
     names = class_names(model)
     spec = parse_target(cfg.get("target", "predicted"))
@@ -74,29 +76,26 @@ def run_adversarial(cfg: Any, run_dir: Path, method: AdversarialMethod, model: t
             raise ConfigError(f"{method.name} is untargeted: it takes no target (drop target={spec})")
         target_class = int(resolve_spec(spec, model, 1).indices[0])
     loaded = time.perf_counter()
-    samples = load_samples(cfg.data, data_config(model))
-    read = time.perf_counter()
     model_data = data_config(model)
+    inputs = open_inputs(cfg.data, model_data, names)
+    read = time.perf_counter()
     pixels = PixelSpace.from_stats(model_data["mean"], model_data["std"])
-    task = _attack_task(model, method, pixels, [sample.label for sample in samples], target_class)
-    trainer, logger, batches = predict_samples(cfg, run_dir, task, samples)
-    computed = time.perf_counter()
-    if batches is None:  # a non-zero rank of a multi-device run: rank 0 writes everything
-        return None
+    task = _attack_task(model, method, pixels, [entry.label for entry in inputs.entries], target_class)
+    to_tensorboard = tensorboard_limit(cfg)
 
-    writer = output.RunWriter(run_dir, method.name, logger.experiment)
-    records: list[dict[str, Any]] = [None] * len(samples)  # type: ignore[list-item]
-    panels = []
-    for batch in batches:
-        norms = perturbation_norms(torch.stack([samples[i].pixels for i in batch["indices"].tolist()]), batch["pixels"])
-        for row, index in enumerate(batch["indices"].tolist()):
-            sample, label = samples[index], int(batch["labels"][row])
+    def consume(writer: output.RunWriter, batch: dict[str, Any], _: Any) -> dict[int, dict[str, Any]]:
+        """One batch's pictures written (clean | adversarial | perturbation), its records kept."""
+        indices = batch["indices"].tolist()
+        norms = perturbation_norms(batch["clean_pixels"], batch["pixels"])
+        records, panels = {}, []
+        for row, index in enumerate(indices):
+            entry, label = inputs.entries[index], int(batch["labels"][row])
             clean_top, adversarial_top = batch["clean"][row].argmax().item(), batch["adversarial"][row].argmax().item()
             success = adversarial_top == target_class if target_class is not None else adversarial_top != label
-            delta = batch["pixels"][row] - sample.pixels
+            delta = batch["pixels"][row] - batch["clean_pixels"][row]
             factor = _amplification(float(norms["linf"][row]))
             records[index] = {
-                "name": sample.name, "source": sample.source,
+                "name": entry.name, "source": entry.source,
                 "label": label, "label_name": class_label(names, label),
                 "label_source": "data" if bool(batch["label_known"][row]) else "clean prediction",
                 "clean_top5": _top5(batch["clean"][row], names),
@@ -106,25 +105,31 @@ def run_adversarial(cfg: Any, run_dir: Path, method: AdversarialMethod, model: t
                 "success": bool(success),
                 "norms": {key: float(values[row]) for key, values in norms.items()},
                 "amplification": factor,
-                "seconds": batch["seconds"] / len(batch["indices"]),
+                "seconds": batch["seconds"] / len(indices),
             }
-            panels.append((index, (sample.name, f"{method.name}/{sample.name}/clean|adversarial|perturbation_x{factor:g}",
-                                   [render.to_uint8(sample.pixels), render.to_uint8(batch["pixels"][row]),
-                                    render.to_uint8((0.5 + factor * delta).clamp(0, 1))])))
-    panels.sort(key=lambda item: item[0])
-    for (index, _), relative in zip(panels, writer.add_panels([panel for _, panel in panels])):
-        records[index]["png"] = relative
+            panels.append((entry.name, f"{method.name}/{entry.name}/clean|adversarial|perturbation_x{factor:g}",
+                           [render.to_uint8(batch["clean_pixels"][row]), render.to_uint8(batch["pixels"][row]),
+                            render.to_uint8((0.5 + factor * delta).clamp(0, 1))]))
+        for index, relative in zip(indices, writer.add_panels(panels, tensorboard=[index < to_tensorboard for index in indices])):
+            records[index]["png"] = relative
+        return records
 
+    streamed = stream(cfg, run_dir, task, inputs, method.name, consume)
+    computed = time.perf_counter()
+    if not streamed.on_rank_zero:  # a non-zero rank of a multi-device run: rank 0 writes everything
+        return None
+    trainer, logger, writer, records = streamed.trainer, streamed.logger, streamed.writer, streamed.records
     summary = _adversarial_summary(records, target_class is not None)
-    method_seconds = sum(batch["seconds"] for batch in batches)
+    method_seconds = sum(record["seconds"] for record in records)
     timings = {"model_load_seconds": loaded - started, "data_seconds": read - loaded, "method_seconds": method_seconds,
-               "predict_seconds": computed - read, "seconds_per_input": method_seconds / max(len(samples), 1)}
+               "predict_seconds": computed - read, "seconds_per_input": method_seconds / max(len(records), 1)}
     writer.add_scalars({f"metrics/{k}": v for k, v in summary.items()})
-    hparams = {**method_hparams(method), "model": str(cfg.model.name), "target": str(spec), "data": str(cfg.data.get("kind")), "inputs": len(samples)}
+    hparams = {**method_hparams(method), "model": str(cfg.model.name), "target": str(spec), "data": str(cfg.data.get("kind")), "inputs": len(records)}
     logger.log_hyperparams(hparams, metrics={f"hparams/{k}": v for k, v in summary.items()})
     results = {
         **run_header(method, cfg, spec, trainer),
         "inputs": records,
+        "skipped": streamed.skipped,
         "metrics": summary,
         "timings": {**timings, "write_seconds": time.perf_counter() - computed, "run_seconds": time.perf_counter() - started},
     }

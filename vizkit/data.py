@@ -1,9 +1,12 @@
-"""Inputs: image files, folders and globs, and the embedded shapes set.
+"""Inputs: image files, folders and globs, a data set in ImageFolder layout, the embedded shapes set.
 
-Every source yields ``Sample``s already resized and cropped as the model's timm data config says
-(``timm.data.create_transform`` without its final Normalize), as pixels in [0, 1]; the runner
-normalizes. Images open with PIL's decompression-bomb limit as an error, and any mode (grayscale,
-palette, RGBA, 16-bit) is converted to 8-bit RGB.
+Every source is an ``Inputs`` data set: its entries (names, sources, labels) known up front, each
+input decoded when the DataLoader asks for it (``input_loader``: batch size, worker processes,
+pinned memory, from the ``data`` config), already resized and cropped as the model's timm data
+config says (``timm.data.create_transform`` without its final Normalize), as pixels in [0, 1]; the
+runner normalizes. Images open with PIL's decompression-bomb limit as an error, and any mode
+(grayscale, palette, RGBA, 16-bit) is converted to 8-bit RGB. An input that cannot be read is left
+out of its batch and listed (``collate``), never a crash halfway through a scan.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from vizkit.errors import ConfigError, VizkitError, did_you_mean
 
@@ -74,29 +78,44 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def expand_paths(paths: Sequence[str]) -> list[Path]:
     """Files, folders (their image files, recursively, sorted) and globs, in the order given."""
+    return [path for path, _ in _expand(paths)]
+
+
+def _expand(paths: Sequence[str]) -> list[tuple[Path, str]]:
+    """``expand_paths`` with each file's name stem: relative to the folder it was found in (so
+    ``photos/a/cat.jpg`` and ``photos/b/cat.jpg`` read ``a_cat`` and ``b_cat``), else the file's stem."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
         raise ConfigError("no images given; set data.paths=[IMAGE, FOLDER, 'GLOB*.png', ...]")
-    found: list[Path] = []
+    found: list[tuple[Path, str]] = []
     for text in map(str, paths):
         path = Path(text).expanduser()
         if any(ch in text for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
             if not matches:
                 raise ConfigError(f"no files match '{text}'")
-            found += matches
+            found += [(match, match.stem) for match in matches]
         elif path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            images = folder_images(path)
             if not images:
                 raise ConfigError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            found += images
+            found += [(image, _relative_stem(image, path)) for image in images]
         elif path.is_file():
-            found.append(path)
+            found.append((path, path.stem))
         else:
             siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
             raise ConfigError(f"image not found: {path}{did_you_mean(path.name, siblings)}")
     return found
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The image files under a folder, recursively, sorted by path."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _relative_stem(path: Path, folder: Path) -> str:
+    return str(path.relative_to(folder).with_suffix(""))
 
 
 def unique_names(stems: Sequence[str]) -> list[str]:
@@ -113,39 +132,181 @@ def unique_names(stems: Sequence[str]) -> list[str]:
 
 
 def load_images(paths: Sequence[str], data_config: dict[str, Any]) -> list[Sample]:
-    files = expand_paths(paths)
-    transform = pixel_transform(data_config)
-    images = [open_image(path) for path in files]  # all read (and checked) before any work starts
-    names = unique_names([path.stem for path in files])
-    return [Sample(name, transform(image), str(path)) for name, image, path in zip(names, images, files)]
+    """Every image read into memory (an unreadable one is an error): for the few images an
+    optimization starts from; runs stream their inputs through ``open_inputs`` instead."""
+    inputs = ImageFiles.from_paths(paths, data_config)
+    return [inputs.load(index) for index in range(len(inputs))]
 
 
 def load_shapes(count: int, split: str, start: int, data_config: dict[str, Any]) -> list[Sample]:
     """``count`` images of the embedded shapes set (``split``: train, val or test), with labels and masks."""
-    from vizkit.shapes import SHAPE_CLASSES, render_shape, split_seed
-
-    if count <= 0 or start < 0:
-        raise ConfigError(f"data.count must be positive and data.start non-negative, got count={count}, start={start}")
-    try:
-        seed = split_seed(split)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    transform = pixel_transform(data_config)
-    samples = []
-    for index in range(start, start + count):
-        shape = render_shape(index, seed=seed)
-        pixels = transform(Image.fromarray(shape.image))
-        mask = transform(Image.fromarray(shape.mask.astype(np.uint8) * 255).convert("RGB"))[:1] > 0.5
-        name = f"{split}{index:05d}_{SHAPE_CLASSES[shape.label]}"
-        samples.append(Sample(name, pixels, f"shapes:{split}:{index}", shape.label, mask))
-    return samples
+    inputs = ShapeImages(count, split, start, data_config)
+    return [inputs.load(index) for index in range(len(inputs))]
 
 
 def load_samples(data: Any, data_config: dict[str, Any]) -> list[Sample]:
-    """The samples a ``data`` config describes (``kind: images`` or ``kind: shapes``)."""
+    """The samples a ``data`` config describes, all in memory (an unreadable image is an error)."""
+    inputs = open_inputs(data, data_config)
+    return [inputs.load(index) for index in range(len(inputs))]
+
+
+# ------------------------------------------------------------------ streamed inputs
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What is known of an input before it is decoded."""
+
+    name: str  # unique within a run, safe as a file name and a TensorBoard tag
+    source: str  # a path, or "shapes:SPLIT:INDEX"
+    label: int | None = None
+
+
+class Inputs(Dataset):
+    """A run's inputs, decoded one at a time where the DataLoader asks (in its worker processes when
+    ``data.workers`` > 0), so a scan holds a batch of pixels, never the data set.
+
+    ``entries`` are known up front (names, sources, labels). An item is ``{"index", "pixels",
+    "mask"}``, or ``{"index", "error"}`` for an input that cannot be read: ``collate`` takes it out of
+    the batch and lists it under ``"skipped"``, so one bad file never stops a scan halfway.
+    """
+
+    entries: list[Entry]
+    has_masks = False  # whether every input comes with its object's mask
+    classes: list[str] | None = None  # the class names the labels index, where the data defines them
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, index: int) -> Sample:
+        """Input ``index`` decoded, or a VizkitError that names it and says what is wrong."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            sample = self.load(index)
+        except VizkitError as error:
+            return {"index": index, "error": str(error)}
+        return {"index": index, "pixels": sample.pixels, "mask": sample.mask}
+
+
+class ImageFiles(Inputs):
+    """Image files, each resized and cropped as the model's data config says."""
+
+    def __init__(self, files: Sequence[Path], names: Sequence[str], labels: Sequence[int | None], data_config: dict[str, Any],
+                 classes: list[str] | None = None) -> None:
+        self.entries = [Entry(name, str(path), label) for name, path, label in zip(names, files, labels)]
+        self.transform = pixel_transform(data_config)
+        self.classes = classes
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str], data_config: dict[str, Any]) -> "ImageFiles":
+        found = _expand(paths)
+        return cls([path for path, _ in found], unique_names([stem for _, stem in found]), [None] * len(found), data_config)
+
+    def load(self, index: int) -> Sample:
+        entry = self.entries[index]
+        return Sample(entry.name, self.transform(open_image(Path(entry.source))), entry.source, entry.label)
+
+
+def image_folder(root: Any, data_config: dict[str, Any], model_classes: Sequence[str] | None = None) -> ImageFiles:
+    """torchvision's ImageFolder layout: ``ROOT/CLASS/**/IMAGE``. Labels are the class folders'
+    positions in name order, as ImageFolder gives them, unless every folder is named after one of the
+    model's classes: then each folder's label is that class (a folder per class name reads right
+    whatever the model's class order)."""
+    if root in (None, "", "???"):
+        raise ConfigError("data=imagefolder needs data.root=DIR: a folder with one sub-folder of images per class")
+    root = Path(str(root)).expanduser()
+    if not root.is_dir():
+        siblings = [p.name for p in root.parent.iterdir()] if root.parent.is_dir() else []
+        raise ConfigError(f"data.root: folder not found: {root}{did_you_mean(root.name, siblings)}")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ConfigError(f"data.root {root} holds no class sub-folders; ImageFolder's layout is ROOT/CLASS/IMAGE")
+    by_model = bool(model_classes) and all(folder in model_classes for folder in folders)
+    files, stems, labels = [], [], []
+    for position, folder in enumerate(folders):
+        label = list(model_classes).index(folder) if by_model else position
+        for path in folder_images(root / folder):
+            files.append(path)
+            stems.append(_relative_stem(path, root))
+            labels.append(label)
+    if not files:
+        raise ConfigError(f"the class folders of {root} hold no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return ImageFiles(files, unique_names(stems), labels, data_config, classes=list(model_classes) if by_model else folders)
+
+
+class ShapeImages(Inputs):
+    """``count`` images of the embedded shapes set from ``start`` (``split``: train, val or test),
+    rendered on demand, with labels and exact object masks."""
+
+    has_masks = True
+
+    def __init__(self, count: int, split: str, start: int, data_config: dict[str, Any]) -> None:
+        from vizkit.shapes import SHAPE_CLASSES, shape_label, split_seed
+
+        if count <= 0 or start < 0:
+            raise ConfigError(f"data.count must be positive and data.start non-negative, got count={count}, start={start}")
+        try:
+            self.seed = split_seed(split)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.split = split
+        self.classes = list(SHAPE_CLASSES)
+        labels = [shape_label(index, seed=self.seed) for index in range(start, start + count)]
+        self.entries = [Entry(f"{split}{index:05d}_{SHAPE_CLASSES[label]}", f"shapes:{split}:{index}", label)
+                        for index, label in zip(range(start, start + count), labels)]
+        self.start = start
+        self.transform = pixel_transform(data_config)
+
+    def load(self, index: int) -> Sample:
+        from vizkit.shapes import render_shape
+
+        entry = self.entries[index]
+        shape = render_shape(self.start + index, seed=self.seed)
+        pixels = self.transform(Image.fromarray(shape.image))
+        mask = self.transform(Image.fromarray(shape.mask.astype(np.uint8) * 255).convert("RGB"))[:1] > 0.5
+        return Sample(entry.name, pixels, entry.source, shape.label, mask)
+
+
+DATA_KINDS = ("images", "imagefolder", "shapes")
+
+
+def open_inputs(data: Any, data_config: dict[str, Any], model_classes: Sequence[str] | None = None) -> Inputs:
+    """The inputs a ``data`` config describes (``kind``: images, imagefolder or shapes), not yet decoded."""
     kind = data.get("kind")
     if kind == "images":
-        return load_images(list(data.get("paths") or []), data_config)
+        return ImageFiles.from_paths(list(data.get("paths") or []), data_config)
+    if kind == "imagefolder":
+        return image_folder(data.get("root"), data_config, model_classes)
     if kind == "shapes":
-        return load_shapes(int(data.get("count", 8)), str(data.get("split", "test")), int(data.get("start", 0)), data_config)
-    raise ConfigError(f"unknown data kind '{kind}'; use data=images or data=shapes")
+        return ShapeImages(int(data.get("count", 8)), str(data.get("split", "test")), int(data.get("start", 0)), data_config)
+    raise ConfigError(f"unknown data kind '{kind}'{did_you_mean(str(kind), DATA_KINDS)}; use data=images, data=imagefolder or data=shapes")
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch of ``Inputs`` items: ``index`` [B], ``pixels`` [B,3,H,W] (None when no input of the
+    batch could be read), ``mask`` [B,1,H,W] (None unless every input has one) and ``skipped``: the
+    ``(index, error)`` of each input left out."""
+    readable = [item for item in items if "error" not in item]
+    masks = [item["mask"] for item in readable]
+    return {
+        "index": torch.tensor([item["index"] for item in readable], dtype=torch.long),
+        "pixels": torch.stack([item["pixels"] for item in readable]) if readable else None,
+        "mask": torch.stack(masks) if masks and all(mask is not None for mask in masks) else None,
+        "skipped": [(int(item["index"]), item["error"]) for item in items if "error" in item],
+    }
+
+
+def input_loader(data: Any, inputs: Inputs, accelerator: str = "auto") -> DataLoader:
+    """The DataLoader a ``data`` config asks for: ``batch_size``, ``workers`` (decoding processes; 0
+    decodes in the main process) and ``pin_memory`` (true | false | auto: pinned when the run is on
+    a GPU), in the inputs' order."""
+    batch_size, workers = int(data.get("batch_size", 8)), int(data.get("workers", 0) or 0)
+    if batch_size <= 0 or workers < 0:
+        raise ConfigError(f"data.batch_size must be positive and data.workers non-negative, got batch_size={batch_size}, workers={workers}")
+    pin = data.get("pin_memory", "auto")
+    if str(pin) == "auto":
+        pin = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return DataLoader(inputs, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                      pin_memory=bool(pin), persistent_workers=False)

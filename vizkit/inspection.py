@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from vizkit import output
-from vizkit.data import load_samples
+from vizkit.data import open_inputs
 from vizkit.errors import ConfigError
 from vizkit.methods.base import InspectionMethod
-from vizkit.models import data_config
+from vizkit.models import class_names, data_config
 from vizkit.pixels import PixelSpace
+from vizkit.stream import stream
 
 
 def _scan_task(model: torch.nn.Module, method: InspectionMethod, pixels: PixelSpace):
@@ -41,11 +42,11 @@ def _scan_task(model: torch.nn.Module, method: InspectionMethod, pixels: PixelSp
         def on_predict_start(self) -> None:
             self.state = method.start(self.model, PixelSpace(self.mean.to(self.device), self.std.to(self.device)))
 
-        def predict_step(self, batch, batch_idx):
-            images, indices = batch
+        def predict_batch(self, batch):
+            images, indices = batch["pixels"], batch["index"]
             with torch.no_grad():
                 self.state = method.update(self.state, self.model, images, indices, self.space(images))
-            return len(indices)  # (None would make Lightning warn)
+            return {}
 
     return ScanTask(model, pixels)
 
@@ -61,7 +62,7 @@ def merge_ranks(trainer: Any, method: InspectionMethod, state: Any, run_dir: Pat
 
 
 def run_inspection(cfg: Any, run_dir: Path, method: InspectionMethod, model: torch.nn.Module, started: float) -> dict[str, Any] | None:
-    from vizkit.runner import _trainer, method_hparams, predict_samples, run_header
+    from vizkit.runner import _trainer, method_hparams, run_header
 
     target = cfg.get("target", "predicted")
     if str(target) != "predicted":
@@ -71,16 +72,19 @@ def run_inspection(cfg: Any, run_dir: Path, method: InspectionMethod, model: tor
     loaded = time.perf_counter()
     model_data = data_config(model)
     pixels = PixelSpace.from_stats(model_data["mean"], model_data["std"])
-    samples = []
+    inputs, scanned_count, skipped, writer = None, 0, [], None
     if method.needs_data:
-        samples = load_samples(cfg.data, model_data)
+        inputs = open_inputs(cfg.data, model_data, class_names(model))
         read = time.perf_counter()
         task = _scan_task(model, method, pixels)
-        trainer, logger, _ = predict_samples(cfg, run_dir, task, samples)
+        streamed = stream(cfg, run_dir, task, inputs, method.name)
         scanned = time.perf_counter()
+        trainer = streamed.trainer
         state = merge_ranks(trainer, method, task.state, run_dir)
-        if trainer.global_rank != 0:  # a non-zero rank of a multi-device run: rank 0 writes everything
+        if not streamed.on_rank_zero:  # a non-zero rank of a multi-device run: rank 0 writes everything
             return None
+        logger, writer, skipped = streamed.logger, streamed.writer, streamed.skipped
+        scanned_count = len(inputs) - len(skipped)
     else:
         read = scanned = time.perf_counter()
         trainer, logger = _trainer(cfg.get("trainer", {}), run_dir)
@@ -93,26 +97,28 @@ def run_inspection(cfg: Any, run_dir: Path, method: InspectionMethod, model: tor
     merged = time.perf_counter()
 
     def fetch(index: int) -> torch.Tensor:
-        if not samples:
-            raise ConfigError(f"{method.name} streamed no data: there is no sample {index} to fetch")
-        return samples[int(index)].pixels
+        """Input ``index`` decoded again (a scan keeps no pixels)."""
+        if inputs is None:
+            raise ConfigError(f"{method.name} streamed no data: there is no input {index} to fetch")
+        return inputs.load(int(index)).pixels
 
     with torch.no_grad():
         inspection = method.conclude(state, model, space, fetch)
     finished = time.perf_counter()
 
-    writer = output.RunWriter(run_dir, method.name, logger.experiment)
+    writer = writer or output.RunWriter(run_dir, method.name, logger.experiment)
     pictures = [{"name": name, "png": writer.add_picture(name, inspection.tags[name], picture), "tag": inspection.tags[name]}
                 for name, picture in inspection.pictures.items()]
     writer.add_scalars({f"metrics/{k}": v for k, v in inspection.metrics.items()})
     hparams = {**method_hparams(method), "model": str(cfg.model.name)}
     if method.needs_data:
-        hparams.update({"data": str(cfg.data.get("kind")), "inputs": len(samples)})
+        hparams.update({"data": str(cfg.data.get("kind")), "inputs": scanned_count})
     logger.log_hyperparams(hparams, metrics={f"hparams/{k}": v for k, v in inspection.metrics.items()})
     results = {
         **run_header(method, cfg, None, trainer),
         "target": None,
-        "scanned": len(samples),
+        "scanned": scanned_count,
+        "skipped": skipped,
         "pictures": pictures,
         "metrics": inspection.metrics,
         "records": inspection.records,

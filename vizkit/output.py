@@ -22,9 +22,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import socket
 import struct
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,6 +38,7 @@ from vizkit import render
 from vizkit.errors import VizkitError
 
 RESULTS = "results.json"
+MAPS = "maps.npz"
 TENSORBOARD_DIR = "tensorboard"
 IMAGE_EVENTS_SUFFIX = ".images"  # ends the name of the event file that holds the pictures
 _EVENT_FILES = itertools.count()  # distinguishes image event files of one process started in the same second
@@ -47,42 +50,53 @@ def check_fresh(run_dir: Path) -> None:
 
 
 class RunWriter:
-    """Writes one run's pictures, maps and results; `writer` is a TensorBoard SummaryWriter (its
-    directory also receives the image event file)."""
+    """Writes one run's pictures, maps and results; ``writer``: a TensorBoard SummaryWriter for the
+    scalars (the logger's; rank 0's only in a multi-device run), ``log_dir``: its directory, which
+    also receives this process's image event file.
 
-    def __init__(self, run_dir: Path, method_name: str, writer: Any) -> None:
+    In a multi-device run every rank has a RunWriter: each writes its own inputs' pictures (to disk
+    and to an image event file of its own) and its maps to an archive of its own, which rank 0 adds
+    to maps.npz (``adopt_rank_maps``) before it writes the results.
+    """
+
+    def __init__(self, run_dir: Path, method_name: str, writer: Any, log_dir: Path | None = None, rank: int = 0) -> None:
         self.run_dir = run_dir
         self.method_name = method_name
         self.writer = writer
-        self.maps: dict[str, np.ndarray] = {}
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.rank = rank
+        self.maps = MapArchive(run_dir / (MAPS if rank == 0 else f".maps-rank{rank}.npz"))
         self.image_events: ImageEventFile | None = None
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
 
     def add_attribution(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor) -> str:
         """Log one input's map; returns the PNG's path relative to the run directory."""
-        relative, records = self._render(name, pixels, attribution)
-        self._events().write(records)
-        return relative
+        return self.add_attributions([(name, pixels, attribution)])[0]
 
-    def _render(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor) -> tuple[str, bytes]:
-        """Draw one input's panel, encode it once, write it to disk and keep the map; returns the
-        panel's relative path and its TensorBoard record (the same PNG bytes)."""
+    def _render(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor, tag: bool) -> tuple[str, bytes, np.ndarray]:
+        """Draw one input's panel, encode it once, write it to disk; returns the panel's relative path,
+        its TensorBoard record (the same PNG bytes; empty when ``tag`` is false) and the map."""
         heat = render.colorize(attribution)
         picture = render.panel([render.to_uint8(pixels), heat, render.overlay(pixels, attribution, heat=heat)])
         encoded = render.png(picture)
         relative = f"images/{name}.png"
-        (self.run_dir / relative).write_bytes(encoded)
-        self.maps[name] = attribution.float().cpu().numpy()
-        return relative, image_record(f"{self.method_name}/{name}", picture, encoded=encoded)
+        with open(self.run_dir / relative, "xb") as file:  # never replace an earlier picture
+            file.write(encoded)
+        record = image_record(f"{self.method_name}/{name}", picture, encoded=encoded) if tag else b""
+        return relative, record, attribution.float().cpu().numpy()
 
-    def add_attributions(self, items: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[str]:
+    def add_attributions(self, items: list[tuple[str, torch.Tensor, torch.Tensor]], tensorboard: list[bool] | None = None) -> list[str]:
         """``add_attribution`` for many inputs at once, rendered in parallel (zlib and numpy release
-        the GIL), the TensorBoard records written in input order."""
+        the GIL), the TensorBoard records written in input order; ``tensorboard``: which of them
+        also become TensorBoard images (all by default; every one is on disk)."""
+        tags = tensorboard or [True] * len(items)
         workers = max(1, min(len(items), os.cpu_count() or 1, 8))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            rendered = list(pool.map(lambda item: self._render(*item), items))
-        self._events().write(b"".join(records for _, records in rendered))
-        return [relative for relative, _ in rendered]
+            rendered = list(pool.map(lambda item: self._render(*item[0], item[1]), zip(items, tags)))
+        for (name, _, _), (_, _, attribution) in zip(items, rendered):
+            self.maps.add(name, attribution)
+        self._write_events(b"".join(record for _, record, _ in rendered))
+        return [relative for relative, _, _ in rendered]
 
     def add_image_batch(self, names: list[str], pixels: torch.Tensor, step: int) -> None:
         """A batch of images (pixels [B,3,H,W] in [0, 1]) at one optimization step, tagged METHOD/NAME:
@@ -107,35 +121,52 @@ class RunWriter:
         self._events().write(image_record(tag, picture, encoded=encoded))
         return relative
 
-    def add_panels(self, items: list[tuple[str, str, list[np.ndarray]]]) -> list[str]:
+    def add_panels(self, items: list[tuple[str, str, list[np.ndarray]]], tensorboard: list[bool] | None = None) -> list[str]:
         """Pictures side by side, one panel per item ``(name, tag, pictures)``: encoded once (in
-        parallel), written as images/NAME.png and as the TensorBoard image TAG; returns the paths."""
+        parallel), written as images/NAME.png and (``tensorboard``: which; all by default) as the
+        TensorBoard image TAG; returns the paths."""
 
-        def encode(item: tuple[str, str, list[np.ndarray]]) -> tuple[str, bytes]:
-            name, tag, pictures = item
+        def encode(item: tuple[tuple[str, str, list[np.ndarray]], bool]) -> tuple[str, bytes]:
+            (name, tag, pictures), to_tensorboard = item
             picture = render.panel(pictures)
             encoded = render.png(picture)
             relative = f"images/{name}.png"
-            (self.run_dir / relative).write_bytes(encoded)
-            return relative, image_record(tag, picture, encoded=encoded)
+            with open(self.run_dir / relative, "xb") as file:  # never replace an earlier picture
+                file.write(encoded)
+            return relative, image_record(tag, picture, encoded=encoded) if to_tensorboard else b""
 
         with ThreadPoolExecutor(max_workers=max(1, min(len(items), os.cpu_count() or 1, 8))) as pool:
-            encoded = list(pool.map(encode, items))
-        self._events().write(b"".join(record for _, record in encoded))
+            encoded = list(pool.map(encode, zip(items, tensorboard or [True] * len(items))))
+        self._write_events(b"".join(record for _, record in encoded))
         return [relative for relative, _ in encoded]
+
+    def _write_events(self, records: bytes) -> None:
+        if records:
+            self._events().write(records)
 
     def _events(self) -> "ImageEventFile":
         if self.image_events is None:
-            self.image_events = ImageEventFile(Path(self.writer.get_logdir()))
+            self.image_events = ImageEventFile(self.log_dir if self.log_dir is not None else Path(self.writer.get_logdir()))
         return self.image_events
+
+    def end_rank(self) -> None:
+        """This process's part of a streamed run is written: its maps archive is closed, and on the
+        other ranks (which write nothing more) the image event file too."""
+        self.maps.close()
+        if self.rank != 0 and self.image_events is not None:
+            self.image_events.close()
+
+    def adopt_rank_maps(self, world_size: int) -> None:
+        """Rank 0: the other ranks' maps (their archives, closed before the gather's barrier) into maps.npz."""
+        for rank in range(1, world_size):
+            self.maps.adopt(self.run_dir / f".maps-rank{rank}.npz")
 
     def add_scalars(self, values: dict[str, float], step: int = 0) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
     def finish(self, results: dict[str, Any]) -> Path:
-        if self.maps:
-            np.savez(self.run_dir / "maps.npz", **self.maps)
+        self.maps.close()
         path = self.run_dir / RESULTS
         with open(path, "x") as file:  # "x": never replace an earlier run's results
             json.dump(results, file, indent=2)
@@ -143,6 +174,42 @@ class RunWriter:
             self.image_events.close()
         self.writer.flush()
         return path
+
+
+class MapArchive:
+    """maps.npz written one map at a time, as ``np.savez`` writes it (a zip of NAME.npy; ``np.load``
+    reads it the same), so a data set's maps never sit in memory together. Created on the first map."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.zip: zipfile.ZipFile | None = None
+        self.created = False
+
+    def _open(self) -> zipfile.ZipFile:
+        if self.zip is None:  # "x" the first time: never add to an earlier run's archive
+            self.zip = zipfile.ZipFile(self.path, "a" if self.created else "x", allowZip64=True)
+            self.created = True
+        return self.zip
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        with self._open().open(f"{name}.npy", "w", force_zip64=True) as file:
+            np.lib.format.write_array(file, np.ascontiguousarray(array), allow_pickle=False)
+
+    def adopt(self, other: Path) -> None:
+        """Every map of another archive (then removed), copied as stored."""
+        if not other.exists():
+            return
+        archive = self._open()
+        with zipfile.ZipFile(other) as source:
+            for info in source.infolist():
+                with source.open(info) as reader, archive.open(info.filename, "w", force_zip64=True) as writer:
+                    shutil.copyfileobj(reader, writer, 1 << 20)
+        other.unlink()
+
+    def close(self) -> None:
+        if self.zip is not None:
+            self.zip.close()
+            self.zip = None
 
 
 # ------------------------------------------------------------------ TensorBoard image events

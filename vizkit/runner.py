@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from vizkit import output
-from vizkit.data import Sample, load_samples
+from vizkit.data import open_inputs
 from vizkit.errors import ConfigError
 from vizkit.methods.base import AdversarialMethod, AttributionMethod, InspectionMethod, OptimizationMethod
 from vizkit.metrics import metric_from_config
@@ -27,23 +26,14 @@ from vizkit.metrics.base import Metric, MetricInputs
 from vizkit.models import class_label, class_names, data_config, load_model
 from vizkit.pixels import PixelSpace
 from vizkit.registry import method_from_config
+from vizkit.stream import stream
 from vizkit.targets import ClassTarget, PredictedClassTarget, TargetSpec, parse_target, resolve_spec
-
-
-class _Samples(Dataset):
-    def __init__(self, samples: list[Sample]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        return self.samples[index].pixels, index
 
 
 def pixel_task():
     """The base of the runner's predict tasks: a LightningModule holding the model and its input
-    normalization, which ``space(images)`` gives on the batch's device."""
+    normalization, which ``space(images)`` gives on the batch's device. A task implements
+    ``predict_batch(batch)`` for a ``vizkit.data.collate`` batch with at least one readable input."""
     import pytorch_lightning as pl
 
     class PixelTask(pl.LightningModule):
@@ -54,6 +44,11 @@ def pixel_task():
 
         def space(self, images: torch.Tensor) -> PixelSpace:
             return PixelSpace(self.mean.to(images.device), self.std.to(images.device))
+
+        def predict_step(self, batch, batch_idx):
+            if batch["pixels"] is None:  # every input of the batch was unreadable (reported by the stream)
+                return {}
+            return self.predict_batch(batch)
 
     return PixelTask
 
@@ -71,15 +66,14 @@ def timed_with_grad(device: torch.device, work: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
-def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: TargetSpec, pixels: PixelSpace,
-                      metrics: list[Metric], masks: list[torch.Tensor | None]):
+def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: TargetSpec, pixels: PixelSpace, metrics: list[Metric]):
     class AttributionTask(pixel_task()):
         """The method, then the metrics, per batch. Predictions (top-5 and the 'predicted' target) come
         from the method's own first forward on the clean input; only a method that makes none costs
         one more forward."""
 
-        def predict_step(self, batch, batch_idx):
-            images, indices = batch
+        def predict_batch(self, batch):
+            images, indices, mask_tensor = batch["pixels"], batch["index"], batch["mask"]
             space = self.space(images)
             x = space.from_pixels(images)
             # 'predicted' reads the classes from the method's own first forward on x (no extra pass)
@@ -91,8 +85,6 @@ def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: T
                     logits = self.model(x)
             if target.kind == "class":  # metrics explain the same classes, whatever they run the model on
                 target = ClassTarget(target.indices.to(x.device))
-            batch_masks = [masks[i] for i in indices.tolist()]
-            mask_tensor = torch.stack(batch_masks).to(x.device) if batch_masks and all(m is not None for m in batch_masks) else None
             started = time.perf_counter()
             scores = {}
             for metric in metrics:
@@ -101,6 +93,7 @@ def _attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: T
                     scores[metric.name] = metric.evaluate(inputs)
             return {
                 "indices": indices.cpu(),
+                "pixels": images.detach().float().cpu(),
                 "probabilities": logits.float().softmax(1).cpu(),
                 "maps": explained.maps.float().cpu(),
                 "details": {name: values.float().cpu() for name, values in explained.details.items()},
@@ -152,12 +145,12 @@ def _load(model_cfg: Any) -> torch.nn.Module:
                       checkpoint=model_cfg.get("checkpoint"), num_classes=model_cfg.get("num_classes"))
 
 
-def predict_samples(cfg: Any, run_dir: Path, task: Any, samples: list[Sample]) -> tuple[Any, Any, list[dict[str, Any]] | None]:
-    """``task.predict_step`` over the samples in batches of ``data.batch_size``, by the Trainer the
-    config asks for: (trainer, logger, every rank's batches on rank 0 / None elsewhere)."""
-    trainer, logger = _trainer(cfg.get("trainer", {}), run_dir)
-    loader = DataLoader(_Samples(samples), batch_size=int(cfg.data.get("batch_size", 8)), shuffle=False)
-    return trainer, logger, _gather(trainer, trainer.predict(task, dataloaders=loader), run_dir)
+def tensorboard_limit(cfg: Any) -> int:
+    """How many inputs' pictures also go to TensorBoard (``tensorboard_images``; the first N by input
+    order, whatever the devices): every picture is in images/, but 50,000 in one event file would
+    not open."""
+    limit = cfg.get("tensorboard_images", 100)
+    return 1 << 62 if limit is None or str(limit) == "all" else int(limit)
 
 
 def run_header(method: Any, cfg: Any, target: Any, trainer: Any) -> dict[str, Any]:
@@ -203,17 +196,6 @@ def collect_on_rank_zero(trainer: Any, value: Any, run_dir: Path, name: str, map
         values.append(torch.load(path, map_location=map_location, weights_only=True))  # our own plain data
         path.unlink()
     return values
-
-
-def _gather(trainer: Any, batches: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]] | None:
-    """All ranks' predictions on rank 0 (None elsewhere).
-
-    ``trainer.predict`` returns only the local rank's batches, and the distributed sampler splits the
-    inputs unevenly without padding; each batch carries its inputs' indices, so rank files merge
-    exactly. Single-process runs pass straight through.
-    """
-    ranks = collect_on_rank_zero(trainer, batches, run_dir, "predictions")
-    return None if ranks is None else [batch for rank in ranks for batch in rank]
 
 
 def _metrics(cfg: Any, method: AttributionMethod, target_kind: str) -> list[Metric]:
@@ -286,47 +268,52 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     names = class_names(model)
     model_data = data_config(model)
     loaded = time.perf_counter()
-    samples = load_samples(cfg.data, model_data)
+    inputs = open_inputs(cfg.data, model_data, names)
     read = time.perf_counter()
-    unmasked = [m.name for m in metrics if m.needs_masks and any(sample.mask is None for sample in samples)]
+    unmasked = [m.name for m in metrics if m.needs_masks] if not inputs.has_masks else []
     if unmasked:
         raise ConfigError(f"metrics {', '.join(unmasked)} compare maps with ground-truth object masks, and these inputs have none; "
                           f"use data=shapes (exact masks) or drop them from metrics=")
 
     pixels = PixelSpace.from_stats(model_data["mean"], model_data["std"])
-    task = _attribution_task(model, method, spec, pixels, metrics, [sample.mask for sample in samples])
-    trainer, logger, batches = predict_samples(cfg, run_dir, task, samples)
-    computed = time.perf_counter()
-    if batches is None:  # a non-zero rank of a multi-device run: rank 0 writes everything
-        return None
+    task = _attribution_task(model, method, spec, pixels, metrics)
+    to_tensorboard = tensorboard_limit(cfg)
 
-    writer = output.RunWriter(run_dir, method.name, logger.experiment)
-    records: list[dict[str, Any]] = [None] * len(samples)  # type: ignore[list-item]
-    method_seconds = sum(batch["seconds"] for batch in batches)
-    metric_seconds = sum(batch["metric_seconds"] for batch in batches)
-    pngs = iter(writer.add_attributions([(samples[index].name, samples[index].pixels, batch["maps"][row])
-                                         for batch in batches for row, index in enumerate(batch["indices"].tolist())]))
+    def consume(writer: output.RunWriter, batch: dict[str, Any], _: Any) -> dict[int, dict[str, Any]]:
+        """One batch's pictures and maps written, its records kept (they are small)."""
+        indices = batch["indices"].tolist()
+        entries = [inputs.entries[index] for index in indices]
+        pngs = writer.add_attributions([(entry.name, batch["pixels"][row], batch["maps"][row]) for row, entry in enumerate(entries)],
+                                       tensorboard=[index < to_tensorboard for index in indices])
+        per_input = batch["seconds"] / len(indices)
+        metric_seconds = batch["metric_seconds"] / len(indices)
+        return {index: {
+            "name": entry.name,
+            "source": entry.source,
+            "label": entry.label,
+            "label_name": class_label(names, entry.label) if entry.label is not None else None,
+            "top5": _top5(batch["probabilities"][row], names),
+            "target": _target_record(batch, row, names),
+            "png": png,
+            "seconds": per_input,
+            "metric_seconds": metric_seconds,
+            "details": {name: float(values[row]) for name, values in batch["details"].items()},
+            "metrics": {name: float(values[row]) for name, (values, _, _) in batch["metrics"].items()},
+            "curves": {name: curve[row].tolist() for name, (_, curve, _) in batch["metrics"].items() if curve is not None},
+            "curve_steps": {name: list(steps) for name, (_, curve, steps) in batch["metrics"].items() if curve is not None},
+        } for row, (index, entry, png) in enumerate(zip(indices, entries, pngs))}
+
+    streamed = stream(cfg, run_dir, task, inputs, method.name, consume)
+    computed = time.perf_counter()
+    if not streamed.on_rank_zero:  # a non-zero rank of a multi-device run: rank 0 writes everything
+        return None
+    trainer, logger, writer, records = streamed.trainer, streamed.logger, streamed.writer, streamed.records
+    method_seconds = sum(record["seconds"] for record in records)
+    metric_seconds = sum(record.pop("metric_seconds") for record in records)
     curves: dict[str, dict[str, Any]] = {}
-    for batch in batches:
-        per_input = batch["seconds"] / len(batch["indices"])
-        for row, index in enumerate(batch["indices"].tolist()):
-            sample = samples[index]
-            records[index] = {
-                "name": sample.name,
-                "source": sample.source,
-                "label": sample.label,
-                "label_name": class_label(names, sample.label) if sample.label is not None else None,
-                "top5": _top5(batch["probabilities"][row], names),
-                "target": _target_record(batch, row, names),
-                "png": next(pngs),
-                "seconds": per_input,
-                "details": {name: float(values[row]) for name, values in batch["details"].items()},
-                "metrics": {name: float(values[row]) for name, (values, _, _) in batch["metrics"].items()},
-                "curves": {name: curve[row].tolist() for name, (_, curve, _) in batch["metrics"].items() if curve is not None},
-            }
-        for name, (_, curve, steps) in batch["metrics"].items():
-            if curve is not None:
-                curves[name] = {"steps": steps}
+    for record in records:
+        for name, steps in record.pop("curve_steps").items():
+            curves[name] = {"steps": steps}
 
     summary = _summary(records)
     for name in curves:
@@ -337,24 +324,25 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
         "method_seconds": method_seconds,
         "metric_seconds": metric_seconds,
         "predict_seconds": computed - read,
-        "seconds_per_input": method_seconds / max(len(samples), 1),
+        "seconds_per_input": method_seconds / max(len(records), 1),
     }
     writer.add_scalars({f"{method.name}/seconds_per_input": timings["seconds_per_input"], **{f"metrics/{k}": v for k, v in summary.items()}})
     for name, curve in curves.items():  # one point per step: a deletion curve, a randomization cascade
         for step, value in enumerate(curve["mean"]):
             writer.add_scalars({f"curves/{name}": value}, step=step)
-    hparams = {**method_hparams(method), "model": str(model_cfg.name), "target": str(spec), "data": str(cfg.data.get("kind")), "inputs": len(samples),
+    hparams = {**method_hparams(method), "model": str(model_cfg.name), "target": str(spec), "data": str(cfg.data.get("kind")), "inputs": len(records),
                "metrics": ",".join(m.name for m in metrics)}
     logger.log_hyperparams(hparams, metrics={"hparams/seconds_per_input": timings["seconds_per_input"],
                                              **{f"hparams/{k}": v for k, v in summary.items()}})
     results = {
         "method": {"name": method.name, "kind": method.kind, "config": asdict(method.config)},
         "model": {"name": str(model_cfg.name), "pretrained": bool(model_cfg.get("pretrained", False)),
-                  "checkpoint": model_cfg.get("checkpoint"), "num_classes": len(batch["probabilities"][0]) if batches else None,
+                  "checkpoint": model_cfg.get("checkpoint"), "num_classes": len(names) if names else None,
                   "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_data.items()}},
         "target": str(spec),
         "device": str(trainer.strategy.root_device),
         "inputs": records,
+        "skipped": streamed.skipped,
         "metrics": summary,
         "metric_configs": {m.name: {"better": m.better, **asdict(m.config)} for m in metrics},
         "curves": curves,

@@ -218,6 +218,11 @@ def _place_target(label: int, rng: np.random.Generator, size: int) -> tuple[np.n
     return pts + np.array([cx, cy]), (cx, cy, 0.0)
 
 
+def shape_label(index: int, *, seed: int = 0) -> int:
+    """The class of sample ``index`` (what ``render_shape`` would draw), without drawing it."""
+    return int(np.random.default_rng([int(seed), int(index)]).integers(len(SHAPE_CLASSES)))
+
+
 def render_shape(index: int, *, seed: int = 0, size: int = IMAGE_SIZE) -> ShapeSample:
     """Render sample `index` of the set with `seed`, deterministically.
 
@@ -228,7 +233,7 @@ def render_shape(index: int, *, seed: int = 0, size: int = IMAGE_SIZE) -> ShapeS
     if size < 16:
         raise ValueError(f"size must be >= 16 px, got {size}")
     rng = np.random.default_rng([int(seed), int(index)])
-    label = int(rng.integers(len(SHAPE_CLASSES)))
+    label = int(rng.integers(len(SHAPE_CLASSES)))  # the first draw: shape_label reads it without rendering
 
     background = _background(rng, size)
     canvas = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))

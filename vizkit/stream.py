@@ -1,0 +1,93 @@
+"""Streaming a run's inputs through ``Trainer.predict``, written out batch by batch.
+
+A data-set run cannot keep its results in memory until the end: 50,000 attribution maps are ~10 GB.
+So the inputs are decoded by the DataLoader (``vizkit.data.input_loader``), a task's ``predict_step``
+turns a batch into tensors, and on every device ``consume`` turns those into pictures on disk and a
+small record per input as soon as the batch is done; Lightning keeps no predictions
+(``return_predictions=False``). When the scan ends the records (plain data) are gathered on rank 0,
+which writes the run's summary.
+
+Inputs that cannot be read are left out of their batch by ``collate``; each is reported by path as
+it is met and counted at the end, and the run goes on.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from vizkit.data import Inputs, input_loader
+from vizkit.errors import VizkitError
+from vizkit.output import RunWriter
+
+log = logging.getLogger("vizkit")
+
+# (this device's writer, a task's predict_step output, the batch) -> {input index: its record}
+Consume = Callable[[RunWriter, dict[str, Any], dict[str, Any]], dict[int, dict[str, Any]]]
+
+
+@dataclass
+class Streamed:
+    """What a streamed run leaves for rank 0 to summarize (the other ranks of a multi-device run get
+    ``on_rank_zero`` false and no records: rank 0 writes everything)."""
+
+    trainer: Any
+    logger: Any
+    writer: RunWriter
+    on_rank_zero: bool = True
+    records: list[dict[str, Any]] = field(default_factory=list)  # in input order, the skipped left out
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"source", "error"}, in input order
+
+
+def _consumer(consume: Consume | None, inputs: Inputs, method_name: str, run_dir: Path):
+    import pytorch_lightning as pl
+
+    class Consumer(pl.Callback):
+        """Per batch, on every device: report the unreadable inputs, ``consume`` the rest."""
+
+        def __init__(self) -> None:
+            self.records: dict[int, dict[str, Any]] = {}
+            self.skipped: list[tuple[int, str]] = []
+            self.writer: RunWriter | None = None
+
+        def on_predict_start(self, trainer, pl_module) -> None:
+            logger = trainer.logger
+            self.writer = RunWriter(run_dir, method_name, logger.experiment, log_dir=Path(logger.log_dir), rank=trainer.global_rank)
+
+        def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            for index, error in batch["skipped"]:
+                log.warning("skipping %s: %s", inputs.entries[index].source, error)
+                self.skipped.append((index, error))
+            if consume is not None and batch["pixels"] is not None:
+                self.records.update(consume(self.writer, outputs, batch))
+
+    return Consumer()
+
+
+def stream(cfg: Any, run_dir: Path, task: Any, inputs: Inputs, method_name: str, consume: Consume | None = None) -> Streamed:
+    """``task`` over the inputs by the Trainer the config asks for, ``consume`` per batch on every
+    device with that device's RunWriter. Returns the ``Streamed`` run, on rank 0 with every rank's
+    records and its writer ready for the run's summary; raises when no input could be read."""
+    from vizkit.runner import _trainer, collect_on_rank_zero
+
+    consumer = _consumer(consume, inputs, method_name, run_dir)
+    trainer_cfg = cfg.get("trainer", {})
+    trainer, logger = _trainer(trainer_cfg, run_dir, callbacks=[consumer])
+    loader = input_loader(cfg.data, inputs, str(trainer_cfg.get("accelerator", "auto")))
+    trainer.predict(task, dataloaders=loader, return_predictions=False)
+    writer = consumer.writer
+    writer.end_rank()  # before the gather's barrier: rank 0 then adopts the closed archives
+    ranks = collect_on_rank_zero(trainer, {"records": consumer.records, "skipped": consumer.skipped}, run_dir, "records")
+    if ranks is None:
+        return Streamed(trainer, logger, writer, on_rank_zero=False)
+    writer.adopt_rank_maps(trainer.world_size)
+    records = {index: record for rank in ranks for index, record in rank["records"].items()}
+    skipped = sorted(item for rank in ranks for item in rank["skipped"])
+    if skipped and len(skipped) == len(inputs):
+        first_index, first_error = skipped[0]
+        raise VizkitError(f"none of the {len(inputs)} input(s) could be read; the first: {first_error}")
+    if skipped:
+        log.warning("skipped %d unreadable input(s) of %d; results.json lists them under 'skipped'", len(skipped), len(inputs))
+    return Streamed(trainer, logger, writer, records=[records[index] for index in sorted(records)],
+                    skipped=[{"source": inputs.entries[index].source, "error": error} for index, error in skipped])
