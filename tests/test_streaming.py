@@ -204,3 +204,49 @@ def test_top_patches_fetch_reads_the_images_again(compose, tmp_path):
     expected = TopPatches(layer="layer3", k=3, channels=[0, 4]).inspect(model, torch.stack([s.pixels for s in samples]))
     assert results["records"] == json.loads(json.dumps(expected.records))
     assert results["scanned"] == 10
+
+
+def _sum_task():
+    from vizkit.models import data_config, load_model
+    from vizkit.pixels import PixelSpace
+    from vizkit.runner import pixel_task
+
+    class SumTask(pixel_task()):
+        def predict_batch(self, batch):
+            return {"indices": batch["index"].cpu(), "sums": batch["pixels"].sum((1, 2, 3)).cpu()}
+
+    model = load_model("embedded")
+    model_data = data_config(model)
+    return SumTask(model, PixelSpace.from_stats(model_data["mean"], model_data["std"])), model_data
+
+
+def test_stream_consumes_each_batch_in_order_and_lightning_keeps_no_predictions(compose, tmp_path):
+    from vizkit.stream import stream
+
+    task, model_data = _sum_task()
+    cfg = compose("data=shapes", "data.count=7", "data.batch_size=3", "trainer.accelerator=cpu")
+    inputs = data.open_inputs(cfg.data, model_data)
+    seen = []
+
+    def consume(writer, batch):
+        seen.append(batch["indices"].tolist())
+        return {index: {"sum": float(total)} for index, total in zip(batch["indices"].tolist(), batch["sums"])}
+
+    streamed = stream(cfg, tmp_path, task, inputs, "sum", consume)
+    assert seen == [[0, 1, 2], [3, 4, 5], [6]]
+    assert streamed.trainer.predict_loop.predictions == []  # nothing accumulates however long the scan
+    expected = [float(sample.pixels.sum()) for sample in data.load_samples(cfg.data, model_data)]
+    assert [r["sum"] for r in streamed.records] == pytest.approx(expected)
+
+
+def test_a_writing_error_stops_the_stream(compose, tmp_path):
+    from vizkit.stream import stream
+
+    task, model_data = _sum_task()
+    cfg = compose("data=shapes", "data.count=4", "data.batch_size=2", "trainer.accelerator=cpu")
+
+    def consume(writer, batch):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        stream(cfg, tmp_path, task, data.open_inputs(cfg.data, model_data), "sum", consume)

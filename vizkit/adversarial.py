@@ -83,7 +83,7 @@ def run_adversarial(cfg: Any, run_dir: Path, method: AdversarialMethod, model: t
     task = _attack_task(model, method, pixels, [entry.label for entry in inputs.entries], target_class)
     to_tensorboard = tensorboard_limit(cfg)
 
-    def consume(writer: output.RunWriter, batch: dict[str, Any], _: Any) -> dict[int, dict[str, Any]]:
+    def consume(writer: output.RunWriter, batch: dict[str, Any]) -> dict[int, dict[str, Any]]:
         """One batch's pictures written (clean | adversarial | perturbation), its records kept."""
         indices = batch["indices"].tolist()
         norms = perturbation_norms(batch["clean_pixels"], batch["pixels"])

@@ -15,6 +15,7 @@ the run header, ``scanned`` (the inputs streamed), ``pictures`` (name, png, tag)
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def run_inspection(cfg: Any, run_dir: Path, method: InspectionMethod, model: tor
             state = method.merge([method.start(model, space)])
     merged = time.perf_counter()
 
+    @functools.lru_cache(maxsize=64)  # channels share their top images: decode each once, not once per patch
     def fetch(index: int) -> torch.Tensor:
         """Input ``index`` decoded again (a scan keeps no pixels)."""
         if inputs is None:

@@ -279,7 +279,7 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
     task = _attribution_task(model, method, spec, pixels, metrics)
     to_tensorboard = tensorboard_limit(cfg)
 
-    def consume(writer: output.RunWriter, batch: dict[str, Any], _: Any) -> dict[int, dict[str, Any]]:
+    def consume(writer: output.RunWriter, batch: dict[str, Any]) -> dict[int, dict[str, Any]]:
         """One batch's pictures and maps written, its records kept (they are small)."""
         indices = batch["indices"].tolist()
         entries = [inputs.entries[index] for index in indices]

@@ -13,6 +13,8 @@ it is met and counted at the end, and the run goes on.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,8 +25,10 @@ from vizkit.output import RunWriter
 
 log = logging.getLogger("vizkit")
 
-# (this device's writer, a task's predict_step output, the batch) -> {input index: its record}
-Consume = Callable[[RunWriter, dict[str, Any], dict[str, Any]], dict[int, dict[str, Any]]]
+# (this device's writer, a task's predict_step output) -> {input index: its record}
+Consume = Callable[[RunWriter, dict[str, Any]], dict[int, dict[str, Any]]]
+# batches whose writing may lag behind the model: bounds the memory the queue holds
+PENDING_BATCHES = 2
 
 
 @dataclass
@@ -44,12 +48,20 @@ def _consumer(consume: Consume | None, inputs: Inputs, method_name: str, run_dir
     import pytorch_lightning as pl
 
     class Consumer(pl.Callback):
-        """Per batch, on every device: report the unreadable inputs, ``consume`` the rest."""
+        """Per batch, on every device: report the unreadable inputs, ``consume`` the rest in a writer
+        thread, so that encoding a batch's pictures (zlib and numpy release the GIL) overlaps the
+        model's work on the next; at most ``PENDING_BATCHES`` wait, in order."""
 
         def __init__(self) -> None:
             self.records: dict[int, dict[str, Any]] = {}
             self.skipped: list[tuple[int, str]] = []
             self.writer: RunWriter | None = None
+            self.pending: deque[Future] = deque()
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vizkit-writer")
+
+        def drain(self, keep: int = 0) -> None:
+            while len(self.pending) > keep:
+                self.records.update(self.pending.popleft().result())  # a writing error surfaces here
 
         def on_predict_start(self, trainer, pl_module) -> None:
             logger = trainer.logger
@@ -60,7 +72,14 @@ def _consumer(consume: Consume | None, inputs: Inputs, method_name: str, run_dir
                 log.warning("skipping %s: %s", inputs.entries[index].source, error)
                 self.skipped.append((index, error))
             if consume is not None and batch["pixels"] is not None:
-                self.records.update(consume(self.writer, outputs, batch))
+                self.pending.append(self.pool.submit(consume, self.writer, outputs))
+                self.drain(keep=PENDING_BATCHES)
+
+        def close(self) -> None:
+            try:
+                self.drain()
+            finally:
+                self.pool.shutdown(wait=True)
 
     return Consumer()
 
@@ -75,7 +94,10 @@ def stream(cfg: Any, run_dir: Path, task: Any, inputs: Inputs, method_name: str,
     trainer_cfg = cfg.get("trainer", {})
     trainer, logger = _trainer(trainer_cfg, run_dir, callbacks=[consumer])
     loader = input_loader(cfg.data, inputs, str(trainer_cfg.get("accelerator", "auto")))
-    trainer.predict(task, dataloaders=loader, return_predictions=False)
+    try:
+        trainer.predict(task, dataloaders=loader, return_predictions=False)
+    finally:
+        consumer.close()
     writer = consumer.writer
     writer.end_rank()  # before the gather's barrier: rank 0 then adopts the closed archives
     ranks = collect_on_rank_zero(trainer, {"records": consumer.records, "skipped": consumer.skipped}, run_dir, "records")
