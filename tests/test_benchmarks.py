@@ -61,11 +61,15 @@ def test_quick_scan_stage_prints_throughput_rows_for_top_patches_and_gradcam():
     assert completed.returncode == 0, completed.stderr
     lines = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
     rows = {line["method"]: line for line in lines if "method" in line}
-    assert set(rows) == {"top_patches", "gradcam_scan"}
-    for row in rows.values():
-        assert KEYS <= set(row) and row["stage"] == "scan" and row["size"] == 64 and row["batch"] == 8 and row["images"] == 32
+    assert set(rows) == {"top_patches", "gradcam_scan", "top_patches_run", "gradcam_run"}
+    for name, row in rows.items():
+        size = 224 if name.endswith("_run") else 64  # whole runs read 256-px JPEG files through timm's eval transform
+        assert KEYS <= set(row) and row["stage"] == "scan" and row["size"] == size and row["batch"] == 8 and row["images"] == 32
         assert row["seconds"] > 0 and row["floor_seconds"] > 0 and row["ratio"] > 0 and row["peer"] is None
         assert row["images_per_second"] > 0 and row["floor_images_per_second"] > 0
         assert abs(row["throughput_ratio"] * row["ratio"] - 1) < 1e-3  # floor / method, the ratio's inverse
     assert rows["top_patches"]["finish_seconds"] > 0 and rows["top_patches"]["finish_settings"] == {"channels": "top:6", "k": 9}
     assert rows["gradcam_scan"]["gradient_floor_seconds"] > 0 and rows["gradcam_scan"]["ratio_vs_gradient_floor"] > 0
+    assert rows["top_patches_run"]["timings"]["scan_seconds"] == rows["top_patches_run"]["seconds"]
+    assert rows["gradcam_run"]["timings"]["predict_seconds"] == rows["gradcam_run"]["seconds"]
+    assert all(len(rows[name]["floor_runs"]) == 1 and rows[name]["settings"]["workers"] == 1 for name in ("top_patches_run", "gradcam_run"))

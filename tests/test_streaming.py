@@ -250,3 +250,8 @@ def test_a_writing_error_stops_the_stream(compose, tmp_path):
 
     with pytest.raises(OSError, match="disk full"):
         stream(cfg, tmp_path, task, data.open_inputs(cfg.data, model_data), "sum", consume)
+
+
+def test_an_optimization_refuses_a_data_set_before_decoding_it(compose, tmp_path):
+    with pytest.raises(ConfigError, match="300 of them \\(at most 256\\)"):
+        run(compose("method=inversion", "data=shapes", "data.count=300"), tmp_path)

@@ -102,7 +102,8 @@ def _main(cfg: DictConfig) -> None:
     elif "pictures" in results:  # an inspection
         print(f"vizkit: {results['method']['name']}: {len(results['pictures'])} picture(s){' from %d input(s)' % results['scanned'] if results['scanned'] else ''}, {results['device']} -> {run_dir}")  # user-facing
     else:
-        print(f"vizkit: {results['method']['name']} on {len(results['inputs'])} input(s), {results['device']} -> {run_dir}")  # user-facing
+        skipped = f" ({len(results['skipped'])} unreadable skipped)" if results.get("skipped") else ""
+        print(f"vizkit: {results['method']['name']} on {len(results['inputs'])} input(s){skipped}, {results['device']} -> {run_dir}")  # user-facing
     print(f"vizkit: review with: tensorboard --logdir {_review_dir(run_dir)}")  # user-facing
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vizkit import output, render
-from vizkit.data import load_samples, unique_names
+from vizkit.data import open_inputs, unique_names
 from vizkit.errors import ConfigError, VizkitError
 from vizkit.methods.base import OptimizationMethod
 from vizkit.models import data_config
@@ -39,7 +39,11 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
     images = None
     samples = []
     if method.needs_images:
-        samples = load_samples(cfg.data, data_config(model))
+        inputs = open_inputs(cfg.data, data_config(model))
+        if len(inputs) > MAX_START_IMAGES:  # checked before anything is decoded
+            raise ConfigError(f"{method.name} optimizes its starting images together, as one batch in memory; data= names {len(inputs)} "
+                              f"of them (at most {MAX_START_IMAGES}): choose fewer, e.g. data=shapes data.count=8 or data.paths=[...]")
+        samples = [inputs.load(index) for index in range(len(inputs))]
         images = torch.stack([sample.pixels for sample in samples])
     target = _plain(cfg.get("target", "predicted"))
     if str(target) == "predicted":  # nothing to predict: the method's own default, if it has one
@@ -101,6 +105,9 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
     if task.stopped is not None:
         raise VizkitError(f"{method.name} stopped: {task.stopped}. What was logged up to then is kept in {run_dir}")
     return results
+
+
+MAX_START_IMAGES = 256  # an optimization's images are one batch: a data set's worth is a mistake, said before decoding
 
 
 def _input_of(name: str, samples: list) -> Any:
