@@ -221,7 +221,11 @@ def test_python_inspect_batches_the_images_and_needs_them(embedded_samples, embe
 
 
 def test_rank_states_merge_through_files_on_rank_zero(tmp_path):
-    from vizkit.inspection import merge_ranks
+    from vizkit.runner import collect_on_rank_zero
+
+    def merge_ranks(trainer, method, state, run_dir):  # what a streamed scan does with its states
+        states = collect_on_rank_zero(trainer, state, run_dir, "inspect", map_location=trainer.strategy.root_device)
+        return None if states is None else method.merge(states)
 
     method, space = MeanImage(), SimpleNamespace(mean=torch.zeros(1, 3, 1, 1))
     parts = [torch.rand(3, 3, 4, 4), torch.rand(2, 3, 4, 4)]  # rank 0 saw inputs 0-2, rank 1 inputs 3-4

@@ -45,6 +45,7 @@ $APP_CONFIG_GROUPS
   vizkit method=class_model
   vizkit method=feature_viz target=channel:layer3:5 method.batch=4 method.diversity=1
   vizkit model.name=resnet18 model.checkpoint=weights.safetensors data=images data.paths=[cat.jpg]
+  vizkit method=top_patches data=imagefolder data.root=val/ data.workers=8 method.channels=top:6
 
 == Config ==
 $CONFIG

@@ -3,9 +3,9 @@
 A method that needs no data (``filters``) goes straight to ``finish``. A data-set scan
 (``needs_data``) streams ``data=`` through ``Trainer.predict`` (devices, precision, the progress bar
 are Lightning's): each device keeps its own state, built by ``start`` and one ``update`` per batch;
-when the scan ends every device's state is merged into one (``merge``; across processes through
-rank files in the run directory, as the attribution runner gathers its batches), and rank 0 calls
-``finish`` and writes everything.
+when the scan ends every device's state reaches rank 0 (``vizkit.stream``'s one exchange of rank
+files, with the skipped inputs), is merged into one (``merge``), and rank 0 calls ``finish`` and
+writes everything.
 
 Writes: ``images/NAME.png`` per picture, the same PNG bytes as the TensorBoard image of its tag
 (``METHOD/NAME`` unless the method says otherwise, e.g. ``filters/conv1/rgb|normalize=filter``),
@@ -52,16 +52,6 @@ def _scan_task(model: torch.nn.Module, method: InspectionMethod, pixels: PixelSp
     return ScanTask(model, pixels)
 
 
-def merge_ranks(trainer: Any, method: InspectionMethod, state: Any, run_dir: Path) -> Any:
-    """Every device's state merged into one on rank 0 (None elsewhere): one process merges its one
-    state; several exchange theirs through rank files (``collect_on_rank_zero``), loaded onto rank
-    0's device."""
-    from vizkit.runner import collect_on_rank_zero
-
-    states = collect_on_rank_zero(trainer, state, run_dir, "inspect", map_location=trainer.strategy.root_device)
-    return None if states is None else method.merge(states)
-
-
 def run_inspection(cfg: Any, run_dir: Path, method: InspectionMethod, model: torch.nn.Module, started: float) -> dict[str, Any] | None:
     from vizkit.runner import _trainer, method_hparams, run_header
 
@@ -78,12 +68,12 @@ def run_inspection(cfg: Any, run_dir: Path, method: InspectionMethod, model: tor
         inputs = open_inputs(cfg.data, model_data, class_names(model))
         read = time.perf_counter()
         task = _scan_task(model, method, pixels)
-        streamed = stream(cfg, run_dir, task, inputs, method.name)
+        streamed = stream(cfg, run_dir, task, inputs, method.name, rank_state=lambda: task.state)
         scanned = time.perf_counter()
         trainer = streamed.trainer
-        state = merge_ranks(trainer, method, task.state, run_dir)
         if not streamed.on_rank_zero:  # a non-zero rank of a multi-device run: rank 0 writes everything
             return None
+        state = method.merge(streamed.states)  # every device's state, loaded onto rank 0's device
         logger, writer, skipped = streamed.logger, streamed.writer, streamed.skipped
         scanned_count = len(inputs) - len(skipped)
     else:

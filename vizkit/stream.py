@@ -42,6 +42,7 @@ class Streamed:
     on_rank_zero: bool = True
     records: list[dict[str, Any]] = field(default_factory=list)  # in input order, the skipped left out
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"source", "error"}, in input order
+    states: list[Any] = field(default_factory=list)  # every rank's ``rank_state()``, in rank order, on rank 0's device
 
 
 def _consumer(consume: Consume | None, inputs: Inputs, method_name: str, run_dir: Path):
@@ -84,10 +85,13 @@ def _consumer(consume: Consume | None, inputs: Inputs, method_name: str, run_dir
     return Consumer()
 
 
-def stream(cfg: Any, run_dir: Path, task: Any, inputs: Inputs, method_name: str, consume: Consume | None = None) -> Streamed:
+def stream(cfg: Any, run_dir: Path, task: Any, inputs: Inputs, method_name: str, consume: Consume | None = None,
+           rank_state: Callable[[], Any] | None = None) -> Streamed:
     """``task`` over the inputs by the Trainer the config asks for, ``consume`` per batch on every
     device with that device's RunWriter. Returns the ``Streamed`` run, on rank 0 with every rank's
-    records and its writer ready for the run's summary; raises when no input could be read."""
+    records, every rank's ``rank_state()`` (a scan's state: plain data and tensors) and its writer
+    ready for the run's summary; raises when no input could be read. Everything crosses ranks in one
+    exchange, after which the ranks need each other no more (rank 0 may then raise alone)."""
     from vizkit.runner import _trainer, collect_on_rank_zero
 
     consumer = _consumer(consume, inputs, method_name, run_dir)
@@ -100,7 +104,8 @@ def stream(cfg: Any, run_dir: Path, task: Any, inputs: Inputs, method_name: str,
         consumer.close()
     writer = consumer.writer
     writer.end_rank()  # before the gather's barrier: rank 0 then adopts the closed archives
-    ranks = collect_on_rank_zero(trainer, {"records": consumer.records, "skipped": consumer.skipped}, run_dir, "records")
+    mine = {"records": consumer.records, "skipped": consumer.skipped, "state": rank_state() if rank_state is not None else None}
+    ranks = collect_on_rank_zero(trainer, mine, run_dir, "stream", map_location=trainer.strategy.root_device)
     if ranks is None:
         return Streamed(trainer, logger, writer, on_rank_zero=False)
     writer.adopt_rank_maps(trainer.world_size)
@@ -112,4 +117,5 @@ def stream(cfg: Any, run_dir: Path, task: Any, inputs: Inputs, method_name: str,
     if skipped:
         log.warning("skipped %d unreadable input(s) of %d; results.json lists them under 'skipped'", len(skipped), len(inputs))
     return Streamed(trainer, logger, writer, records=[records[index] for index in sorted(records)],
-                    skipped=[{"source": inputs.entries[index].source, "error": error} for index, error in skipped])
+                    skipped=[{"source": inputs.entries[index].source, "error": error} for index, error in skipped],
+                    states=[rank["state"] for rank in ranks])
