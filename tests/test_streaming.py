@@ -147,6 +147,7 @@ def test_attribution_over_an_imagefolder(compose, tmp_path):
     classes = embedded_card()["classes"]
     assert {r["name"]: r["label"] for r in records} == {stem.replace("/", "_"): label for stem, label in truth.items()}
     assert all(r["label_name"] == classes[r["label"]] for r in records)
+    assert results["timings"]["inputs_per_second"] == pytest.approx(14 / results["timings"]["predict_seconds"], rel=1e-6)
     accuracy = np.mean([r["top5"][0]["index"] == r["label"] for r in records])
     assert results["metrics"]["top1_accuracy"] == pytest.approx(accuracy) and accuracy >= 0.8
     run_dir = tmp_path / "run"
@@ -167,6 +168,7 @@ def test_a_cli_scan_reports_each_unreadable_file_and_the_count(vizkit_cli, tmp_p
     assert "zero.png" in output and "skipped 1 unreadable input(s) of 7" in output
     results = run.results
     assert results["scanned"] == 6 and [s["source"] for s in results["skipped"]] == [str(tmp_path / "set" / "square" / "zero.png")]
+    assert results["timings"]["inputs_per_second"] == pytest.approx(6 / results["timings"]["scan_seconds"], rel=1e-6)
     assert "from 6 input(s)" in run.stdout
 
 

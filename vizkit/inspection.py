@@ -115,6 +115,7 @@ def run_inspection(cfg: Any, run_dir: Path, method: InspectionMethod, model: tor
         "metrics": inspection.metrics,
         "records": inspection.records,
         "timings": {"model_load_seconds": loaded - started, "data_seconds": read - loaded, "scan_seconds": scanned - read,
+                    "inputs_per_second": scanned_count / max(scanned - read, 1e-9) if method.needs_data else None,
                     "merge_seconds": merged - scanned, "finish_seconds": finished - merged,
                     "write_seconds": time.perf_counter() - finished, "run_seconds": time.perf_counter() - started},
     }

@@ -325,6 +325,7 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
         "metric_seconds": metric_seconds,
         "predict_seconds": computed - read,
         "seconds_per_input": method_seconds / max(len(records), 1),
+        "inputs_per_second": len(records) / max(computed - read, 1e-9),  # the whole stream: decoding, method, writing
     }
     writer.add_scalars({f"{method.name}/seconds_per_input": timings["seconds_per_input"], **{f"metrics/{k}": v for k, v in summary.items()}})
     for name, curve in curves.items():  # one point per step: a deletion curve, a randomization cascade
