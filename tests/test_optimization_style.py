@@ -30,7 +30,9 @@ def samples(embedded_samples):
 @pytest.mark.parametrize("fields", [{}, {"optimizer": "adam", "lr": 0.03, "steps": 60}], ids=["lbfgs-defaults", "adam"])
 def test_style_loss_drops_10x_and_the_content_stays_within_its_bound(embedded, samples, fields):
     """From each content image (init=content): style loss ≤ 1/10 of where it started, content_error ≤
-    the documented bound (measured with the defaults: ratio ≤ 0.047, content_error ≤ 0.52)."""
+    the documented bound. Margin, measured with the defaults: ratio ≤ 0.036 (≥ 2.7× below 0.1), ≤ 0.040
+    under an emulated other CPU (1e-6 gradient jitter, 8 draws); content_error ≤ 0.50 (2× below 1).
+    Adam at 60 steps: ratio ≤ 0.039, content_error ≤ 0.55."""
     method = NeuralStyle(**fields)
     assert method.config.init == "content" and (fields or method.config.optimizer == "lbfgs")
     result = method.optimize(embedded, None, samples)

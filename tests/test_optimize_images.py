@@ -254,3 +254,44 @@ def test_transforms_are_differentiable():
 def test_bad_specs_are_config_errors(specs, message):
     with pytest.raises(ConfigError, match=message):
         Transforms(specs)
+
+
+# ------------------------------------------------------------------------------------ L-BFGS restart
+
+
+def _stalled_lbfgs(optimizer_class):
+    """An L-BFGS whose memory holds a curvature pair recorded across a projection's jump: (s, y) =
+    (1e-6·e, 1e6·e) scales every direction by ~1e-12, so the loss changes by less than float32
+    resolves and the strong Wolfe line search returns a step of 0 (how neural style stalled)."""
+    centre = torch.rand(100, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.Parameter(torch.zeros(100))
+    optimizer = optimizer_class([x], lr=1, max_iter=1, history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (x - centre).pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    state = optimizer.state[x]
+    e = torch.full((100,), 0.1)
+    state.update(old_dirs=[1e6 * e], old_stps=[1e-6 * e], ro=[1.0 / float((1e6 * e) @ (1e-6 * e))], H_diag=1e-12,
+                 d=torch.zeros(100), t=0.0)
+    with torch.no_grad():
+        state["prev_flat_grad"] = 2 * (x - centre)
+    losses = []
+    for _ in range(3):
+        optimizer.step(closure)
+        losses.append(float(closure().detach()))
+    return losses
+
+
+def test_lbfgs_restarts_when_a_step_cannot_move():
+    from vizkit.optimize.problem import ProjectedLBFGS, make_optimizer
+
+    assert isinstance(make_optimizer("lbfgs", [torch.nn.Parameter(torch.zeros(2))], 1.0), ProjectedLBFGS)
+    stuck = _stalled_lbfgs(torch.optim.LBFGS)
+    assert stuck[0] == stuck[1] == stuck[2]  # torch's own stays put for good: the failure being guarded
+    restarted = _stalled_lbfgs(ProjectedLBFGS)
+    assert restarted[0] < stuck[0] and restarted[-1] < 1e-6 * stuck[0]

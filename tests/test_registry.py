@@ -17,13 +17,13 @@ from vizkit.errors import ConfigError
 VIZKIT = Path(sys.executable).parent / "vizkit"
 
 
-def make_distribution(site: Path, name: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+def make_distribution(site: Path, name: str, entry_points: dict[str, str], modules: dict[str, str], group: str = "vizkit.methods") -> None:
     """A real installed distribution (dist-info with entry_points.txt) on a path importlib scans."""
     dist_info = site / f"{name.replace('-', '_')}-1.0.dist-info"
     dist_info.mkdir(parents=True)
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
     lines = "\n".join(f"{key} = {value}" for key, value in entry_points.items())
-    (dist_info / "entry_points.txt").write_text(f"[vizkit.methods]\n{lines}\n")
+    (dist_info / "entry_points.txt").write_text(f"[{group}]\n{lines}\n")
     for module, source in modules.items():
         (site / f"{module}.py").write_text(source)
 

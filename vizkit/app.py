@@ -12,10 +12,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vizkit import registry
+from vizkit import config_sources, registry
 from vizkit.errors import VizkitError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = config_sources.conf_dir()
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 HELP_TEMPLATE = """vizkit: what does this network see?
@@ -53,12 +53,14 @@ Use --hydra-help to view Hydra's own options."""
 
 
 def setup() -> None:
-    """Register method configs, the help page and the ``vizkit_asset`` resolver (idempotent)."""
+    """Register method configs, plugins' config folders, the help page and the ``vizkit_asset``
+    resolver (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     from vizkit import metrics
 
     registry.store_configs()
+    config_sources.register()
     metrics.store_configs()
     methods = registry.describe_methods().replace("${", "\\${")
     ConfigStore.instance().store(

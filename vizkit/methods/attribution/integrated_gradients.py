@@ -91,23 +91,25 @@ class IntegratedGradients(AttributionMethod):
         baseline_pixels = pixel_baseline(config.baseline, pixels.to_pixels(x), seed=config.seed)
         shared = x.shape[0] > 1 and baseline_pixels.stride(0) == 0  # one image for all inputs: gray, black, a file
         baseline = pixels.from_pixels(baseline_pixels)
+        # sums at float32 at least (half-precision inputs), float64 for a float64 model
+        accumulate = torch.promote_types(x.dtype, torch.float32)
         with torch.no_grad():  # S(x) first: a 'predicted' target reads its classes from this forward
-            clean = target.score(model, x).float()
+            clean = target.score(model, x).to(accumulate)
             reference = scores_on_one_input(target, model, baseline[:1], x.shape[0]) if shared else target.score(model, baseline)
-            score_gap = clean - reference.float()
+            score_gap = clean - reference.to(accumulate)
         path = x - baseline
         alphas, weights = quadrature(config.steps, config.rule)
         batch = x.shape[0]
         # (step, input) pairs, step-major as captum, evaluated batch_size at a time
         pairs = [(k, b) for k in range(config.steps) for b in range(batch)]
-        integral = torch.zeros_like(x, dtype=torch.float32)
+        integral = torch.zeros_like(x, dtype=accumulate)
         for start in range(0, len(pairs), config.batch_size):
             chunk = pairs[start : start + config.batch_size]
             rows = torch.tensor([b for _, b in chunk], device=x.device)
             alpha = torch.tensor([alphas[k] for k, _ in chunk], device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
-            weight = torch.tensor([weights[k] for k, _ in chunk], device=x.device, dtype=torch.float32).view(-1, 1, 1, 1)
+            weight = torch.tensor([weights[k] for k, _ in chunk], device=x.device, dtype=accumulate).view(-1, 1, 1, 1)
             gradient = input_gradient(model, baseline[rows] + alpha * path[rows], target.take(rows))
-            integral.index_add_(0, rows, gradient.float() * weight)
-        attribution = integral * path.float()
+            integral.index_add_(0, rows, gradient.to(accumulate) * weight)
+        attribution = integral * path.to(accumulate)
         completeness_error = (attribution.flatten(1).sum(1) - score_gap).abs() / score_gap.abs().clamp_min(1e-12)
         return attribution, completeness_error
