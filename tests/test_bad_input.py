@@ -89,5 +89,5 @@ def test_an_earlier_run_is_never_overwritten(vizkit_cli, tmp_path):
     assert first.returncode == 0, first.stderr
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     second = vizkit_cli(f"hydra.run.dir={run_dir}", "data=shapes", "data.count=1", "method=occlusion")
-    assert_clean_failure(second, "already holds the results of an earlier run")
+    assert_clean_failure(second, "already holds an earlier vizkit run (finished); nothing was changed in it")
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

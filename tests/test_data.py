@@ -73,3 +73,51 @@ def test_shapes_are_deterministic_with_labels_and_masks():
         assert a.mask.shape == (1, 48, 48) and 0 < a.mask.float().mean() < 0.6
     with pytest.raises(ConfigError, match="train"):
         data.load_shapes(1, "holdout", 0, CONFIG)
+
+
+# ------------------------------------------------------------------------ hostile data configs
+
+
+def test_a_plain_string_path_is_one_path_not_its_characters(tmp_path):
+    """`data.paths=cat.png` on the command line replaces the YAML list with one string; it once became
+    ['c', 'a', 't', ...], and a path such as /some/dir/cat.png scanned `/`."""
+    write_image(tmp_path / "cat.png")
+    (tmp_path / "more").mkdir()
+    write_image(tmp_path / "more" / "dog.png")
+    one = data.open_inputs({"kind": "images", "paths": str(tmp_path / "cat.png")}, CONFIG)
+    assert [entry.source for entry in one.entries] == [str(tmp_path / "cat.png")]
+    folder = data.open_inputs({"kind": "images", "paths": str(tmp_path / "more")}, CONFIG)
+    assert [entry.name for entry in folder.entries] == ["dog"]
+    with pytest.raises(ConfigError, match=r"image not found: .*/img$"):
+        data.open_inputs({"kind": "images", "paths": str(tmp_path / "img")}, CONFIG)
+
+
+def _class_folders(root, names):
+    for name in names:
+        (root / name).mkdir(parents=True)
+        write_image(root / name / "0.png")
+
+
+def test_imagefolder_with_some_folders_not_named_after_classes_is_refused_by_name(tmp_path):
+    """star/ beside circles/: reading folders by position would label star images 'square' without a
+    word (the embedded model's classes are circle, square, triangle, star, cross, hexagon)."""
+    classes = ["circle", "square", "triangle", "star", "cross", "hexagon"]
+    _class_folders(tmp_path, ["star", "circles"])
+    with pytest.raises(ConfigError, match=r"some class folders are named after the model's classes and some are not: "
+                                          r"not a class: 'circles' \(closest: circle.*data\.labels=folders"):
+        data.image_folder(tmp_path, CONFIG, model_classes=classes)
+    by_position = data.image_folder(tmp_path, CONFIG, model_classes=classes, labels="folders")
+    assert [(entry.name, entry.label) for entry in by_position.entries] == [("circles_0", 0), ("star_0", 1)]
+    assert by_position.classes == ["circles", "star"]
+    with pytest.raises(ConfigError, match=r"data.labels=classes needs every class folder named after one of the model's classes"):
+        data.image_folder(tmp_path, CONFIG, model_classes=classes, labels="classes")
+    with pytest.raises(ConfigError, match="data.labels must be one of auto, classes, folders"):
+        data.image_folder(tmp_path, CONFIG, model_classes=classes, labels="names")
+
+
+def test_imagefolder_labels_classes_reads_the_models_order(tmp_path):
+    classes = ["circle", "square", "triangle", "star", "cross", "hexagon"]
+    _class_folders(tmp_path, ["star", "circle"])
+    for rule in ("auto", "classes"):
+        inputs = data.open_inputs({"kind": "imagefolder", "root": str(tmp_path), "labels": rule}, CONFIG, classes)
+        assert [(entry.name, entry.label) for entry in inputs.entries] == [("circle_0", 0), ("star_0", 3)] and inputs.classes == classes

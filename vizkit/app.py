@@ -90,16 +90,25 @@ def _review_dir(run_dir: Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig) -> None:
+    from vizkit import interrupt, run_dirs
     from vizkit.runner import run
 
     run_dir = _run_dir()
-    try:
-        results = run(cfg, run_dir)
-    except VizkitError as error:
-        print(f"vizkit: error: {error}", file=sys.stderr)  # user-facing
-        sys.exit(2)
+    run_dirs.claim_job_dir(run_dir)  # a multirun's job; a single run claimed its directory before Hydra wrote into it
+    with interrupt.graceful():
+        try:
+            results = run(cfg, run_dir)
+        except VizkitError as error:
+            run_dirs.mark(run_dir, "failed", str(error))
+            print(f"vizkit: error: {error}", file=sys.stderr)  # user-facing
+            sys.exit(2)
+        except BaseException as error:
+            run_dirs.mark(run_dir, "failed", f"{type(error).__name__}: {error}")
+            raise
+        signum = interrupt.received()
     if results is None:  # a secondary rank of a multi-device run
         return
+    run_dirs.mark(run_dir, "finished" if signum is None else "interrupted")
     if "images" in results:  # an optimization
         print(f"vizkit: {results['method']['name']}: {len(results['images'])} image(s), {results['timings']['steps']} steps, {results['device']} -> {run_dir}")  # user-facing
     elif "pictures" in results:  # an inspection
@@ -108,17 +117,10 @@ def _main(cfg: DictConfig) -> None:
         skipped = f" ({len(results['skipped'])} unreadable skipped)" if results.get("skipped") else ""
         print(f"vizkit: {results['method']['name']} on {len(results['inputs'])} input(s){skipped}, {results['device']} -> {run_dir}")  # user-facing
     print(f"vizkit: review with: tensorboard --logdir {_review_dir(run_dir)}")  # user-facing
-
-
-def _refuse_used_run_dir(argv: list[str]) -> None:
-    """A pinned ``hydra.run.dir`` that holds an earlier run is refused before Hydra starts: Hydra
-    rewrites ``.hydra/`` before any callback or task code could object."""
-    from vizkit.output import check_fresh
-
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") == "hydra.run.dir" and value and "-m" not in argv and "--multirun" not in argv:
-            check_fresh(Path(value))
+    if signum is not None:
+        print(f"vizkit: interrupted by {interrupt.name(signum)}: what finished is written above, results.json says "
+              f"status 'interrupted'", file=sys.stderr)  # user-facing
+        sys.exit(128 + signum)  # 130 for SIGINT, 143 for SIGTERM: what shells and schedulers expect
 
 
 def _check_metric_names(argv: list[str]) -> None:
@@ -136,7 +138,6 @@ def _check_metric_names(argv: list[str]) -> None:
 
 def main() -> None:
     try:
-        _refuse_used_run_dir(sys.argv[1:])
         _check_metric_names(sys.argv[1:])
         setup()
     except VizkitError as error:  # e.g. two plugins claiming one method name

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from vizkit.errors import ConfigError, VizkitError, did_you_mean
+from vizkit.errors import ConfigError, VizkitError, closest, did_you_mean
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default; above it we refuse instead of warning
@@ -209,11 +209,37 @@ class ImageFiles(Inputs):
         return Sample(entry.name, self.transform(open_image(Path(entry.source))), entry.source, entry.label)
 
 
-def image_folder(root: Any, data_config: dict[str, Any], model_classes: Sequence[str] | None = None) -> ImageFiles:
-    """torchvision's ImageFolder layout: ``ROOT/CLASS/**/IMAGE``. Labels are the class folders'
-    positions in name order, as ImageFolder gives them, unless every folder is named after one of the
-    model's classes: then each folder's label is that class (a folder per class name reads right
-    whatever the model's class order)."""
+LABEL_RULES = ("auto", "classes", "folders")
+
+
+def folder_labels(folders: list[str], model_classes: Sequence[str] | None, rule: str = "auto") -> tuple[list[int], list[str]]:
+    """Each class folder's label, and the class names the labels index.
+
+    ``folders``: the folders' positions in name order, as torchvision's ImageFolder gives them (right
+    for ImageNet's synset folders, which are in the model's class order). ``classes``: each folder is
+    the model's class of that name, whatever the model's order. ``auto``: ``classes`` when every
+    folder is named after a class, ``folders`` when none is; a mix (``star/`` beside ``circles/``) is
+    refused by name, since either reading would label some folders wrongly without a word.
+    """
+    if rule not in LABEL_RULES:
+        raise ConfigError(f"data.labels must be one of {', '.join(LABEL_RULES)}, got '{rule}'")
+    known = list(model_classes or [])
+    strangers = [folder for folder in folders if folder not in known]
+    if rule == "folders" or (rule == "auto" and known and len(strangers) == len(folders)) or (rule == "auto" and not known):
+        return list(range(len(folders))), list(folders)
+    if strangers:
+        hints = ", ".join(f"'{folder}'" + (f" (closest: {', '.join(closest(folder, known, 3))})" if closest(folder, known, 3) else "")
+                          for folder in strangers[:8])
+        more = f" and {len(strangers) - 8} more" if len(strangers) > 8 else ""
+        why = ("some class folders are named after the model's classes and some are not" if rule == "auto"
+               else "data.labels=classes needs every class folder named after one of the model's classes")
+        raise ConfigError(f"{why}: not a class: {hints}{more}. Rename those folders, or label by folder position "
+                          f"in name order with data.labels=folders")
+    return [known.index(folder) for folder in folders], known
+
+
+def image_folder(root: Any, data_config: dict[str, Any], model_classes: Sequence[str] | None = None, labels: str = "auto") -> ImageFiles:
+    """torchvision's ImageFolder layout: ``ROOT/CLASS/**/IMAGE``, labelled by ``folder_labels``."""
     if root in (None, "", "???"):
         raise ConfigError("data=imagefolder needs data.root=DIR: a folder with one sub-folder of images per class")
     root = Path(str(root)).expanduser()
@@ -223,17 +249,16 @@ def image_folder(root: Any, data_config: dict[str, Any], model_classes: Sequence
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ConfigError(f"data.root {root} holds no class sub-folders; ImageFolder's layout is ROOT/CLASS/IMAGE")
-    by_model = bool(model_classes) and all(folder in model_classes for folder in folders)
-    files, stems, labels = [], [], []
-    for position, folder in enumerate(folders):
-        label = list(model_classes).index(folder) if by_model else position
+    folder_label, classes = folder_labels(folders, model_classes, str(labels))
+    files, stems, file_labels = [], [], []
+    for folder, label in zip(folders, folder_label):
         for path in folder_images(root / folder):
             files.append(path)
             stems.append(_relative_stem(path, root))
-            labels.append(label)
+            file_labels.append(label)
     if not files:
         raise ConfigError(f"the class folders of {root} hold no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return ImageFiles(files, unique_names(stems), labels, data_config, classes=list(model_classes) if by_model else folders)
+    return ImageFiles(files, unique_names(stems), file_labels, data_config, classes=classes)
 
 
 class ShapeImages(Inputs):
@@ -276,9 +301,11 @@ def open_inputs(data: Any, data_config: dict[str, Any], model_classes: Sequence[
     """The inputs a ``data`` config describes (``kind``: images, imagefolder or shapes), not yet decoded."""
     kind = data.get("kind")
     if kind == "images":
-        return ImageFiles.from_paths(list(data.get("paths") or []), data_config)
+        paths = data.get("paths")
+        # data.paths=cat.png replaces the YAML list with one string: one path, never its characters
+        return ImageFiles.from_paths([paths] if isinstance(paths, (str, Path)) else list(paths or []), data_config)
     if kind == "imagefolder":
-        return image_folder(data.get("root"), data_config, model_classes)
+        return image_folder(data.get("root"), data_config, model_classes, data.get("labels", "auto"))
     if kind == "shapes":
         return ShapeImages(int(data.get("count", 8)), str(data.get("split", "test")), int(data.get("start", 0)), data_config)
     raise ConfigError(f"unknown data kind '{kind}'{did_you_mean(str(kind), DATA_KINDS)}; use data=images, data=imagefolder or data=shapes")

@@ -166,14 +166,32 @@ class RunWriter:
             self.writer.add_scalar(tag, value, step)
 
     def finish(self, results: dict[str, Any]) -> Path:
+        """results.json, with the run's ``status`` first: ``finished``, or ``interrupted`` when a
+        signal stopped the run early (what finished is in it)."""
+        from vizkit import interrupt
+
         self.maps.close()
-        path = self.run_dir / RESULTS
-        with open(path, "x") as file:  # "x": never replace an earlier run's results
-            json.dump(results, file, indent=2)
+        results["status"] = "interrupted" if interrupt.received() is not None else "finished"
+        path = write_json_once(self.run_dir / RESULTS, {"status": results["status"], **results})
         if self.image_events is not None:
             self.image_events.close()
         self.writer.flush()
         return path
+
+
+def write_json_once(path: Path, value: Any) -> Path:
+    """`value` as JSON at `path`, all or nothing: written to a temporary name, then linked to `path`,
+    which must not exist (an earlier run's file is never replaced, a reader never sees half a file)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "x") as file:
+            json.dump(value, file, indent=2)
+            file.flush()
+            os.fsync(file.fileno())
+        os.link(temporary, path)  # fails if `path` exists
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 class MapArchive:

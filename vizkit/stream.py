@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vizkit import interrupt
 from vizkit.data import Inputs, input_loader
 from vizkit.errors import VizkitError
 from vizkit.output import RunWriter
@@ -75,6 +76,7 @@ def _consumer(consume: Consume | None, inputs: Inputs, method_name: str, run_dir
             if consume is not None and batch["pixels"] is not None:
                 self.pending.append(self.pool.submit(consume, self.writer, outputs))
                 self.drain(keep=PENDING_BATCHES)
+            interrupt.check()  # SIGINT/SIGTERM: this batch was the last
 
         def close(self) -> None:
             try:
@@ -100,18 +102,28 @@ def stream(cfg: Any, run_dir: Path, task: Any, inputs: Inputs, method_name: str,
     loader = input_loader(cfg.data, inputs, str(trainer_cfg.get("accelerator", "auto")))
     try:
         trainer.predict(task, dataloaders=loader, return_predictions=False)
+    except interrupt.RunInterrupted:
+        pass  # a signal: what finished is written below, as any run's
     finally:
         consumer.close()
     writer = consumer.writer
     writer.end_rank()  # before the gather's barrier: rank 0 then adopts the closed archives
     mine = {"records": consumer.records, "skipped": consumer.skipped, "state": rank_state() if rank_state is not None else None}
-    ranks = collect_on_rank_zero(trainer, mine, run_dir, "stream", map_location=trainer.strategy.root_device)
+    if interrupt.received() is not None and trainer.world_size > 1:
+        # the other ranks may not have been signalled: no barrier that could wait for them forever;
+        # each rank's pictures are on disk, rank 0 summarizes its own inputs
+        ranks = [mine] if trainer.global_rank == 0 else None
+    else:
+        ranks = collect_on_rank_zero(trainer, mine, run_dir, "stream", map_location=trainer.strategy.root_device)
     if ranks is None:
         return Streamed(trainer, logger, writer, on_rank_zero=False)
-    writer.adopt_rank_maps(trainer.world_size)
+    if ranks == [mine] and trainer.world_size > 1:
+        log.warning("interrupted: results.json summarizes rank 0's inputs only; every rank's pictures are in images/")
+    else:
+        writer.adopt_rank_maps(trainer.world_size)
     records = {index: record for rank in ranks for index, record in rank["records"].items()}
     skipped = sorted(item for rank in ranks for item in rank["skipped"])
-    if skipped and len(skipped) == len(inputs):
+    if skipped and len(skipped) == len(inputs) and interrupt.received() is None:
         first_index, first_error = skipped[0]
         raise VizkitError(f"none of the {len(inputs)} input(s) could be read; the first: {first_error}")
     if skipped:

@@ -7,12 +7,14 @@ A diverged loss ends the fit after the step that diverged; ``stopped`` says why.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vizkit import interrupt
 from vizkit.optimize.loop import History
 from vizkit.optimize.problem import Diverged, OptimizationConfig, Problem, make_optimizer
 
@@ -76,8 +78,15 @@ class OptimizationTask(pl.LightningModule):
             return
         step = batch_idx + 1
         self.problem.after_step(step)
-        if step % self.config.log_every == 0 or step == self.config.steps:
+        stopping = interrupt.received() is not None  # SIGINT/SIGTERM: this step was the last
+        if step % self.config.log_every == 0 or step == self.config.steps or stopping:
             self._log_images(step)
+        if stopping:
+            self.trainer.should_stop = True
+            # the image's checkpoint now: on SIGTERM Lightning leaves the fit before the epoch's end, where it saves one
+            saver = self.trainer.checkpoint_callback
+            if saver is not None and saver.dirpath is not None:
+                self.trainer.save_checkpoint(str(Path(saver.dirpath) / f"{saver.filename}{saver.FILE_EXTENSION}"))
 
     @torch.no_grad()
     def _log_images(self, step: int) -> None:

@@ -63,8 +63,13 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
                                enable_checkpointing=True, callbacks=[checkpoint])
     writer = output.RunWriter(run_dir, method.name, logger.experiment)
     task = OptimizationTask(problem, method.config, lambda step, pixels: writer.add_image_batch(problem.names, pixels, step))
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     with frozen(model):
-        trainer.fit(task, train_dataloaders=step_loader(method.config.steps))
+        try:
+            trainer.fit(task, train_dataloaders=step_loader(method.config.steps))
+        except SIGTERMException:  # Lightning's own reaction to SIGTERM, after the step we stopped at and its checkpoint
+            pass
     fitted = time.perf_counter()
 
     with torch.no_grad(), frozen(model):
