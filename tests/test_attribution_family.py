@@ -247,6 +247,9 @@ def test_a_baseline_shared_by_all_inputs_is_run_once(resnet, x, baseline, target
 
     if target == "channel":
         target = resolve_spec(parse_target("channel:layer2:0"), resnet, x.shape[0])
+        from vizkit.hooks import check_called_once
+
+        check_called_once(resnet, x, target.module, "layer2")  # the once-per-process probe of the layer, not counted here
     rows: list[int] = []
     handle = resnet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:

@@ -121,3 +121,24 @@ def test_imagefolder_labels_classes_reads_the_models_order(tmp_path):
     for rule in ("auto", "classes"):
         inputs = data.open_inputs({"kind": "imagefolder", "root": str(tmp_path), "labels": rule}, CONFIG, classes)
         assert [(entry.name, entry.label) for entry in inputs.entries] == [("circle_0", 0), ("star_0", 3)] and inputs.classes == classes
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stores its pixels sideways with an EXIF turn; read without it, a portrait photo
+    was analysed lying on its side."""
+    pixels = np.zeros((20, 40, 3), np.uint8)  # stored 40 wide, 20 high
+    pixels[:, :20] = 255  # the stored left half is white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90° clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = data.open_image(tmp_path / "phone.jpg")
+    assert shown.size == (20, 40)  # displayed 20 wide, 40 high
+    top, bottom = np.asarray(shown)[:20].mean(), np.asarray(shown)[20:].mean()
+    assert top > 200 and bottom < 50  # the stored left half is the displayed top
+
+
+def test_names_from_deeply_nested_folders_stay_short_and_distinct(tmp_path):
+    stems = ["a/" * 150 + "cat", "b/" * 150 + "cat", "grid"]
+    names = data.unique_names(stems, reserved=["grid"])
+    assert all(len(name.encode()) + len(".png") < 255 for name in names)
+    assert len(set(names)) == 3 and names[2] == "grid_2" and names[0].endswith("a_a_cat")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vizkit
-from tiny_models import assert_maps_close, captum_copy, normalized_batch, single_thread, timm_model
+from tiny_models import assert_maps_close, captum_copy, normalized_batch, rounding, single_thread, timm_model
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -51,6 +51,8 @@ def test_residual_branches_are_exercised(model, x):
 
 
 # ---------------------------------------------------------------- gradients
+# vizkit and captum differentiate the same forward of the same batch: the maps are equal bit for bit
+# (measured, both models, 1 thread), on any CPU; rel=1e-5 of the map's largest value is slack only.
 
 
 def test_saliency_equals_captum_abs_max(model, x):
@@ -107,12 +109,24 @@ def captum_occlusion(forward, model, x):
     )
 
 
+def occlusion_tolerance(model, x, expected, softmax):
+    """The two run the occluded inputs in different batches (captum 16 at a time), so each score may
+    round differently: a logit by ≤ rounding(model) × max|logit| (Σ 6e-8·√fan-in over every conv and the
+    fc), a probability by half that (softmax's Jacobian rows sum to ≤ 2p(1 − p) ≤ 1/2); a map value is a
+    difference of two scores. Relative to the map's largest value, as assert_maps_close takes it.
+    Derived: resnet18 6.3e-3 (softmax), 2.5e-4 (logit); test_resnet 5.9e-4, 1.2e-4. Measured: ≤ 1.3e-6
+    apart (each ≤ 2.8e-6 from a float64 model's), ≥ 90× inside."""
+    with torch.no_grad():
+        logit = float(model(x).abs().max())
+    return 2 * rounding(model, "fc") * logit * (0.5 if softmax else 1.0) / float(expected.abs().max())
+
+
 def test_occlusion_equals_captum_on_softmax(model, x):
     expected = captum_occlusion(lambda t: model(t).softmax(1), model, x)
     # captum's map is per channel, constant across channels for a window spanning all of them
     torch.testing.assert_close(expected, expected[:, :1].expand_as(expected))
     got = vizkit.create_method("occlusion", window=WINDOW, stride=STRIDE, fill=FILL).attribute(model, x, TARGETS)
-    assert_maps_close(got, expected[:, :1], rel=1e-5)
+    assert_maps_close(got, expected[:, :1], rel=occlusion_tolerance(model, x, expected, softmax=True))
 
 
 def test_occlusion_logit_score_equals_captum_on_logits(model, x):
@@ -120,4 +134,4 @@ def test_occlusion_logit_score_equals_captum_on_logits(model, x):
     got = vizkit.create_method("occlusion", window=WINDOW, stride=STRIDE, fill=FILL, score="logit").attribute(
         model, x, TARGETS
     )
-    assert_maps_close(got, expected[:, :1], rel=1e-5)
+    assert_maps_close(got, expected[:, :1], rel=occlusion_tolerance(model, x, expected, softmax=False))

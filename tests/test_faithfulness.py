@@ -52,7 +52,8 @@ def test_integrated_gradients_reports_its_completeness_error_per_input(compose, 
 
 def test_integrated_gradients_completeness_at_64_steps(compose, tmp_path):
     """Every input within 5 % with the default (gray) baseline. From black (the paper's) 81 % of 64
-    held-out images were (the method's docstring): a recorded measurement, not a guarantee."""
+    held-out images were (the method's docstring): a recorded measurement, not a guarantee. Measured:
+    max 0.0266 over the 24 inputs, 1.88× inside."""
     results = run(compose("data=shapes", "data.count=24", "data.batch_size=24", "method=integrated_gradients",
                           "method.steps=64", "method.batch_size=64"), tmp_path)
     errors = np.array([r["details"]["completeness_error"] for r in results["inputs"]])
@@ -60,6 +61,7 @@ def test_integrated_gradients_completeness_at_64_steps(compose, tmp_path):
 
 
 def test_gradcam_points_at_the_object_on_200_held_out_images(compose, tmp_path):
+    """Measured: 200 of 200 hits (1.0 against 0.90), unchanged under a 1e-6 relative jitter of the maps."""
     results = run(compose("data=shapes", "data.count=200", "data.batch_size=50", "method=gradcam", "metrics=[pointing_game,mask_energy]"), tmp_path / "gradcam")
     assert results["metrics"]["pointing_game"] >= 0.90
     saliency = run(compose("data=shapes", "data.count=200", "data.batch_size=50", "method=saliency", "metrics=[pointing_game]"), tmp_path / "saliency")
@@ -72,7 +74,10 @@ def test_randomization_decorrelates_gradcam_and_saliency(compose, tmp_path, meth
     curve = results["curves"]["randomization"]
     assert curve["steps"][:2] == ["fc", "layer4.0"] and curve["steps"][-1] == "conv1.0"
     # 1.0 would be a map blind to the weights. Measured: Grad-CAM falls to ~0.35 once the head is
-    # re-initialized (its weights are the class's), saliency falls gradually from ~0.74 to ~0.22
+    # re-initialized (its weights are the class's), saliency falls gradually from ~0.74 to ~0.22.
+    # Margins: Grad-CAM max 0.615 (1.30× under 0.8), first 0.353 (1.42× under 0.5); saliency max 0.739
+    # (only 1.08× under 0.8), drop 0.519 (1.73× the 0.3). Each moved < 2e-5 under a 1e-6 relative
+    # jitter of the maps (2 seeds), so the margins are > 1000× that spread, but saliency's is thin.
     assert max(curve["mean"]) < 0.8
     assert (curve["mean"][0] < 0.5) if method == "gradcam" else (curve["mean"][-1] < curve["mean"][0] - 0.3)
     assert results["metrics"]["randomization"] == pytest.approx(np.mean(curve["mean"]), abs=1e-6)

@@ -68,10 +68,10 @@ def test_claim_refuses_files_a_file_and_a_read_only_parent(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to check here
-            pytest.skip("running as root: a read-only directory is still writable")
-        with pytest.raises(RunDirError, match="cannot create hydra.run.dir"):
-            claim(locked / "run", pinned=True)
+        # root writes anywhere it has permissions for; sysfs refuses even root a new folder
+        where = Path("/sys/vizkit") if os.access(locked, os.W_OK) else locked
+        with pytest.raises(RunDirError, match=r"cannot create (the parent of )?hydra.run.dir .*(Operation not permitted|Permission denied)"):
+            claim(where / "run", pinned=True)
     finally:
         locked.chmod(0o700)
 

@@ -240,3 +240,20 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- float32 error bounds
+
+
+def rounding(model, layer):
+    """A float32 layer output's rounding error relative to its norm, from the arithmetic: every conv /
+    linear output is a dot product of K = fan-in terms (≈ 6e-8·√K each), summed over the convs up to
+    and including ``layer`` in module order (embedded: conv1.2 3.1e-7, layer1 3.8e-6, layer2 6.4e-6,
+    layer3 8.9e-6; measured against a float64 model: 1.4e-7, 3.5e-7, -, 2.0e-7)."""
+    total = 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            total += module.weight[0].numel() ** 0.5
+        if name == layer or name.startswith(layer + "."):
+            bound = total
+    return 6e-8 * bound

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from vizkit import config_sources, registry
 from vizkit.errors import VizkitError
@@ -88,6 +89,20 @@ def _review_dir(run_dir: Path) -> Path:
     return Path(config.sweep.dir).resolve() if config.mode == RunMode.MULTIRUN else run_dir
 
 
+def _explained(error: BaseException, run_dir: Path) -> str | None:
+    """The one line for an error a user can act on, or None."""
+    if isinstance(error, VizkitError):
+        return str(error)
+    if isinstance(error, InterpolationResolutionError):  # a value with ${...} in it, such as a file name
+        where = f" in {error.full_key}" if error.full_key else ""
+        return (f"{str(error).splitlines()[0]}{where}: the config reads '${{...}}' as an interpolation; "
+                f"a literal '${{' in a value, such as a file name, is written '\\${{'")
+    if isinstance(error, OSError):  # a full disk, a read-only file system, a file that vanished
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror or error}{where}; what was written before is kept in {run_dir}"
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig) -> None:
     from vizkit import interrupt, run_dirs
@@ -98,13 +113,13 @@ def _main(cfg: DictConfig) -> None:
     with interrupt.graceful():
         try:
             results = run(cfg, run_dir)
-        except VizkitError as error:
-            run_dirs.mark(run_dir, "failed", str(error))
-            print(f"vizkit: error: {error}", file=sys.stderr)  # user-facing
-            sys.exit(2)
         except BaseException as error:
-            run_dirs.mark(run_dir, "failed", f"{type(error).__name__}: {error}")
-            raise
+            message = _explained(error, run_dir)
+            run_dirs.mark(run_dir, "failed", message or f"{type(error).__name__}: {error}")
+            if message is None:  # not the user's doing: the traceback is the report
+                raise
+            print(f"vizkit: error: {message}", file=sys.stderr)  # user-facing
+            sys.exit(2)
         signum = interrupt.received()
     if results is None:  # a secondary rank of a multi-device run
         return
@@ -136,8 +151,39 @@ def _check_metric_names(argv: list[str]) -> None:
                 get_metric(name.strip())
 
 
+def _default_method() -> str | None:
+    for entry in OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", []):
+        if isinstance(entry, DictConfig) and "method" in entry:
+            return str(entry["method"])
+    return None
+
+
+def _check_method_fields(argv: list[str]) -> None:
+    """``method.windw=8``: Hydra would first answer "To append to your config use +method.windw=8", and
+    only after that hint the method says which fields it has. Name them, and the close match, at once.
+    Presets, sweeps over methods and experiments (which may choose the method) are left to Hydra."""
+    import dataclasses
+
+    from vizkit.errors import ConfigError, did_you_mean
+
+    keys = [arg.partition("=")[0] for arg in argv]
+    if any(key.lstrip("+~").split(".")[0] == "experiment" for key in keys):
+        return
+    chosen = next((arg.partition("=")[2] for arg in reversed(argv) if arg.partition("=")[0] == "method"), None) or _default_method()
+    entry = registry.discover().get(chosen or "")
+    if entry is None:
+        return
+    fields = [field.name for field in dataclasses.fields(entry.cls.Config)]
+    for key in keys:
+        if key.startswith("method.") and key.split(".")[1] not in fields:
+            name = key.split(".")[1]
+            raise ConfigError(f"method {chosen} has no field '{name}'{did_you_mean(name, fields)}; its fields: {', '.join(fields)} "
+                              f"(vizkit method={chosen} --cfg job shows them with their defaults)")
+
+
 def main() -> None:
     try:
+        _check_method_fields(sys.argv[1:])
         _check_metric_names(sys.argv[1:])
         setup()
     except VizkitError as error:  # e.g. two plugins claiming one method name

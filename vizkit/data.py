@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from vizkit.errors import ConfigError, VizkitError, closest, did_you_mean
@@ -55,7 +55,8 @@ def open_image(path: Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                return to_rgb(image)
+                # a phone photo's pixels are stored sideways, with the turn in its EXIF orientation tag
+                return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise VizkitError(f"refusing image {path}: too many pixels for a safe decode ({error})") from None
     except FileNotFoundError:
@@ -118,11 +119,22 @@ def _relative_stem(path: Path, folder: Path) -> str:
     return str(path.relative_to(folder).with_suffix(""))
 
 
-def unique_names(stems: Sequence[str]) -> list[str]:
-    """File-system- and tag-safe names, made unique by a numeric suffix (two folders may hold cat.jpg)."""
-    names, seen = [], set()
+MAX_NAME = 160  # characters of a result's name: a file name (+ ".png") must stay under 255 bytes
+
+
+def unique_names(stems: Sequence[str], reserved: Sequence[str] = ()) -> list[str]:
+    """File-system- and tag-safe names, made unique by a numeric suffix (two folders may hold cat.jpg)
+    and never one of ``reserved`` (a run's own pictures, such as an optimization's ``grid``). A name
+    from deeply nested folders is cut to ``MAX_NAME`` characters, its end kept and a digest of the whole
+    added, so two long paths still give two names."""
+    import hashlib
+
+    names, seen = [], set(reserved)
     for stem in stems:
         base = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "image"
+        if len(base) > MAX_NAME:
+            digest = hashlib.sha1(base.encode()).hexdigest()[:10]
+            base = f"{digest}_{base[-(MAX_NAME - 11):].lstrip('._')}"
         name, n = base, 2
         while name in seen:
             name, n = f"{base}_{n}", n + 1

@@ -15,6 +15,24 @@ from vizkit.errors import ConfigError
 
 
 @contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the duration, every module's own mode restored afterwards.
+
+    A method given a model in train mode would otherwise compute with batch statistics (BatchNorm) and
+    update the user's running statistics, and dropout would make its maps random. Running in eval
+    mode and restoring is what a user of ``model.eval()`` expects, and leaves the model as it was;
+    refusing would only move the same two lines into every caller.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+@contextmanager
 def forward_hook(module: nn.Module, hook: Callable) -> Iterator[None]:
     handle = module.register_forward_hook(hook)
     try:
@@ -34,6 +52,7 @@ def layer_output(model: nn.Module, x: torch.Tensor, module: nn.Module, layer_nam
     (timm's ``x += shortcut; relu(inplace)``) never runs, so the captured tensor holds the layer's true
     output, still connected to `x` for gradients.
     """
+    check_called_once(model, x, module, layer_name)
     captured: list[torch.Tensor] = []
 
     def capture(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -53,6 +72,37 @@ def layer_output(model: nn.Module, x: torch.Tensor, module: nn.Module, layer_nam
     return output
 
 
+_CALLED_ONCE: set[tuple[int, int, tuple[int, ...]]] = set()
+_PROBING = False
+
+
+def probing() -> bool:
+    """Whether the forward running now is ``check_called_once``'s probe, which vizkit's own hooks and
+    rules leave alone."""
+    return _PROBING
+
+
+def check_called_once(model: nn.Module, x: torch.Tensor, module: nn.Module, layer_name: str = "") -> None:
+    """Refuse a layer the forward calls more than once (a module reused in a loop, a shared block):
+    its "output" is ambiguous, and stopping at the first call would silently pick that one. Checked
+    with one full forward of one input per model, layer and input size in a process."""
+    key = (id(model), id(module), tuple(x.shape[1:]))
+    if key in _CALLED_ONCE:
+        return
+    global _PROBING
+    calls = []
+    _PROBING = True  # vizkit's own recording hooks (an enclosing Grad-CAM capture) ignore this forward
+    try:
+        with torch.no_grad(), forward_hook(module, lambda *_: calls.append(1)):
+            model(x[:1].detach())
+    finally:
+        _PROBING = False
+    if len(calls) > 1:
+        raise ConfigError(f"layer '{layer_name or module}' runs {len(calls)} times in one forward pass, so its output is ambiguous; "
+                          f"choose a layer that runs once (vizkit-layers MODEL lists them)")
+    _CALLED_ONCE.add(key)
+
+
 @contextmanager
 def capture_output(module: nn.Module, layer_name: str = "") -> Iterator[list[torch.Tensor]]:
     """Record `module`'s output while the whole model runs (for Grad-CAM: the activation and the
@@ -66,7 +116,9 @@ def capture_output(module: nn.Module, layer_name: str = "") -> Iterator[list[tor
     """
     captured: list[torch.Tensor] = []
 
-    def record(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def record(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if _PROBING:
+            return None
         if not isinstance(output, torch.Tensor):
             raise ConfigError(f"layer '{layer_name or module}' returns {type(output).__name__}, not a tensor; choose a layer that outputs one")
         captured.append(output)
@@ -88,6 +140,8 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, modules: dict[str, nn.Modul
 
     def recorder(name: str) -> Callable:
         def record(_module: nn.Module, _inputs: tuple, output: torch.Tensor):
+            if _PROBING:
+                return None
             if not isinstance(output, torch.Tensor):
                 raise ConfigError(f"layer '{name}' returns {type(output).__name__}, not a tensor; choose a layer that outputs one")
             captured.setdefault(name, output)

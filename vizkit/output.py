@@ -19,6 +19,7 @@ and hparams still go through the logger's writer.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -196,16 +197,24 @@ def write_json_once(path: Path, value: Any) -> Path:
 
 class MapArchive:
     """maps.npz written one map at a time, as ``np.savez`` writes it (a zip of NAME.npy; ``np.load``
-    reads it the same), so a data set's maps never sit in memory together. Created on the first map."""
+    reads it the same), so a data set's maps never sit in memory together. Created on the first map.
+
+    The archive grows under a hidden name (``.maps.npz.partial``) and takes its own name when closed:
+    a run that dies half-way (a full disk, SIGKILL) leaves no maps.npz that ``np.load`` cannot read."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.partial = path.with_name(f".{path.name}.partial")
         self.zip: zipfile.ZipFile | None = None
         self.created = False
 
     def _open(self) -> zipfile.ZipFile:
         if self.zip is None:  # "x" the first time: never add to an earlier run's archive
-            self.zip = zipfile.ZipFile(self.path, "a" if self.created else "x", allowZip64=True)
+            if self.created and self.path.exists():  # closed once already (rank 0 then adopts the other ranks')
+                os.replace(self.path, self.partial)
+            elif not self.created and self.path.exists():
+                raise FileExistsError(errno.EEXIST, "an earlier run's maps are there", str(self.path))
+            self.zip = zipfile.ZipFile(self.partial, "a" if self.created else "x", allowZip64=True)
             self.created = True
         return self.zip
 
@@ -228,6 +237,8 @@ class MapArchive:
         if self.zip is not None:
             self.zip.close()
             self.zip = None
+            os.link(self.partial, self.path)  # whole, under its name; never over an earlier file
+            self.partial.unlink()
 
 
 # ------------------------------------------------------------------ TensorBoard image events

@@ -26,7 +26,15 @@ class PixelSpace:
     @classmethod
     def from_stats(cls, mean: Sequence[float], std: Sequence[float], device: Any = None) -> "PixelSpace":
         as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-        return cls(as_tensor(mean), as_tensor(std))
+        mean, std = as_tensor(mean), as_tensor(std)
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ConfigError(f"the normalization must have finite means and positive standard deviations, got mean={mean.flatten().tolist()}, "
+                              f"std={std.flatten().tolist()} (a std of 0 divides by zero: every map would be NaN)")
+        return cls(mean, std)
+
+    def is_identity(self) -> bool:
+        """No normalization: the model takes pixels in [0, 1] (or nothing is known of its input)."""
+        return bool((self.mean == 0).all() and (self.std == 1).all())
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, mean: Any = None, std: Any = None, device: Any = None) -> "PixelSpace":

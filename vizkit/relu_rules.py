@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from vizkit import hooks
 from vizkit.errors import ConfigError
 
 RULES = ("guided", "deconvnet")
@@ -73,6 +74,8 @@ class _ReluRuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if hooks.probing():  # vizkit's own look at the whole forward (a layer run twice?), not the explained pass
+            return func(*args, **kwargs)
         if func in _RELUS or func in _INPLACE_RELUS:
             inplace = func in _INPLACE_RELUS or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
             self.relu_calls += 1

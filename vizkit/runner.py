@@ -27,6 +27,7 @@ from vizkit.models import class_label, class_names, data_config, load_model
 from vizkit.pixels import PixelSpace
 from vizkit.registry import method_from_config
 from vizkit.stream import stream
+from vizkit.validate import check_run_settings
 from vizkit.targets import ClassTarget, PredictedClassTarget, TargetSpec, parse_target, resolve_spec
 
 
@@ -237,6 +238,7 @@ def run(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
 
     run_dir = Path(run_dir)
     output.check_fresh(run_dir)
+    check_run_settings(cfg)
     method = method_from_config(cfg.method)
     if cfg.get("seed") is not None:
         torch.manual_seed(int(cfg.seed))

@@ -308,10 +308,27 @@ def resolve_target(target: Any, model: nn.Module, x: torch.Tensor) -> Target:
         return resolve_spec(target, model, batch_size)
     if isinstance(target, str):
         return resolve_spec(parse_target(target), model, batch_size)
-    if isinstance(target, numbers.Integral) or (isinstance(target, torch.Tensor) and target.dim() == 0):
+    _check_class_indices(target)
+    if isinstance(target, numbers.Real) or (isinstance(target, torch.Tensor) and target.dim() == 0):  # a whole number (checked above)
         target = int(target)
         return ClassTarget(torch.full((batch_size,), target, dtype=torch.long, device=x.device))
     indices = torch.as_tensor(target, dtype=torch.long, device=x.device).reshape(-1)
     if indices.numel() != batch_size:
         raise ConfigError(f"got {indices.numel()} class targets for a batch of {batch_size}")
     return ClassTarget(indices)
+
+
+def _check_class_indices(target: Any) -> None:
+    """Class targets given as numbers must be whole numbers, not booleans: ``True`` would be class 1
+    and ``2.7`` class 2, silently."""
+    if hasattr(target, "tolist") and not isinstance(target, numbers.Number):  # a tensor or an array: plain Python values
+        values = torch.as_tensor(target).flatten().tolist()
+    else:
+        values = list(target) if isinstance(target, (list, tuple)) else [target]
+    for value in values:
+        if isinstance(value, bool):
+            raise ConfigError(f"a class target must be a class index or name, got the boolean {value!r}")
+        if not isinstance(value, numbers.Integral) and not (isinstance(value, numbers.Real) and float(value).is_integer()):
+            if isinstance(value, numbers.Real):
+                raise ConfigError(f"a class target must be a whole class index, got {value!r}")
+            raise ConfigError(f"a class target must be a class index, a name or 'class:...', got {value!r} ({type(value).__name__})")

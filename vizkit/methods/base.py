@@ -138,21 +138,24 @@ class AttributionMethod(Method):
         std: Any = None,
     ) -> Attribution:
         """``attribute``, plus the per-input ``details`` a method measured along the way."""
+        from vizkit.hooks import evaluating
         from vizkit.pixels import PixelSpace
         from vizkit.targets import resolve_target
+        from vizkit.validate import check_batch, warn_unnormalized
 
-        if x.dim() != 4:
-            raise ConfigError(f"{self.name}: expected an input batch [B,C,H,W], got shape {tuple(x.shape)}")
-        resolved = resolve_target(target, model, x)
-        if resolved.kind not in self.target_kinds:
-            raise ConfigError(
-                f"{self.name} cannot explain a {resolved.kind} target ({resolved}); "
-                f"it takes: {', '.join(sorted(self.target_kinds))}"
-            )
-        if resolved.kind == "class":
-            resolved = resolved.to(x.device)
+        check_batch(self.name, model, x)
         pixels = PixelSpace.for_model(model, mean=mean, std=std, device=x.device)
-        result = self.compute(model, x.detach(), resolved, pixels)
+        warn_unnormalized(self.name, pixels, x)
+        with evaluating(model):
+            resolved = resolve_target(target, model, x)
+            if resolved.kind not in self.target_kinds:
+                raise ConfigError(
+                    f"{self.name} cannot explain a {resolved.kind} target ({resolved}); "
+                    f"it takes: {', '.join(sorted(self.target_kinds))}"
+                )
+            if resolved.kind == "class":
+                resolved = resolved.to(x.device)
+            result = self.compute(model, x.detach(), resolved, pixels)
         if not isinstance(result, Attribution):
             result = Attribution(result)
         return Attribution(result.maps.detach(), {k: v.detach() for k, v in result.details.items()})
@@ -202,6 +205,8 @@ class OptimizationMethod(Method):
     def problem(self, model: "torch.nn.Module", target: Any = None, images: "torch.Tensor | None" = None, *,
                 mean: Any = None, std: Any = None):
         """The ``Problem`` for these arguments (checked), on the model's device."""
+        import torch
+
         from vizkit.pixels import PixelSpace
 
         device = next((p.device for p in model.parameters()), None)
@@ -213,11 +218,27 @@ class OptimizationMethod(Method):
         if target is None and self.target_kinds:
             raise ConfigError(f"{self.name} needs a target: one of {', '.join(sorted(self.target_kinds))} (e.g. target=channel:LAYER:C)")
         if self.needs_images:
-            if images is None or images.dim() != 4 or images.shape[1] != 3:
+            from vizkit.validate import check_pixels
+
+            if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
                 raise ConfigError(f"{self.name} starts from images: give a [B,3,H,W] batch of pixels in [0, 1]")
+            check_pixels(self.name, images)
             images = images.detach().float().to(device)
         pixels = PixelSpace.for_model(model, mean=mean, std=std, device=device)
-        return self.setup(model, target, images, pixels)
+        problem = self.setup(model, target, images, pixels)
+        self.memory_estimate = self.check_fits(model, problem)
+        return problem
+
+    def check_fits(self, model: "torch.nn.Module", problem) -> int:
+        """Refuse, before the first step, a batch of images that cannot fit in memory together (see
+        ``vizkit.memory``); returns the estimate in bytes."""
+        from vizkit.hooks import evaluating
+        from vizkit.memory import check_batch_fits
+
+        one = problem.pixels()[:1].detach()
+        with evaluating(model):
+            # per image: its parameters, their gradient and Adam's two moments, in float32
+            return check_batch_fits(self.name, model, problem.normalize(one), len(problem.names), per_image_extra=4 * 4 * one.numel())
 
     def check(self, model: "torch.nn.Module") -> None:
         """Refuse a model this method cannot work on (a layer it does not have) before any work."""
@@ -250,16 +271,19 @@ class AdversarialMethod(Method):
         """
         import torch
 
+        from vizkit.hooks import evaluating
         from vizkit.pixels import PixelSpace
+        from vizkit.validate import check_batch, refuse_unnormalized
 
-        if x.dim() != 4:
-            raise ConfigError(f"{self.name}: expected an input batch [B,C,H,W], got shape {tuple(x.shape)}")
+        check_batch(self.name, model, x)
         space = PixelSpace.for_model(model, mean=mean, std=std, device=x.device)
+        refuse_unnormalized(self.name, space, x)
         pixels = space.to_pixels(x.detach()).clamp(0, 1)
-        labels = self.labels(model, x, labels)
-        targets = self.targets(model, x, target)
-        with torch.enable_grad():
-            adversarial = self.perturb(model, pixels, labels, targets, space)
+        with evaluating(model):
+            labels = self.labels(model, x, labels)
+            targets = self.targets(model, x, target)
+            with torch.enable_grad():
+                adversarial = self.perturb(model, pixels, labels, targets, space)
         return space.from_pixels(adversarial.detach()).to(x.dtype)
 
     def labels(self, model: "torch.nn.Module", x: "torch.Tensor", labels: Any) -> "torch.Tensor":
@@ -340,10 +364,15 @@ class InspectionMethod(Method):
 
         from vizkit.pixels import PixelSpace
 
+        from vizkit.hooks import evaluating
+        from vizkit.validate import check_pixels
+
         if images is None and self.needs_data:
             raise ConfigError(f"{self.name} scans images: give a [N,3,H,W] batch of pixels in [0, 1]")
-        if images is not None and (images.dim() != 4 or images.shape[1] != 3):
-            raise ConfigError(f"{self.name}: expected images [N,3,H,W] (pixels in [0, 1]), got shape {tuple(images.shape)}")
+        if images is not None and (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0):
+            raise ConfigError(f"{self.name}: expected images [N,3,H,W] (pixels in [0, 1]), got {tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        if images is not None:
+            check_pixels(self.name, images)
         if batch_size < 1:
             raise ConfigError(f"{self.name}: batch_size must be positive, got {batch_size}")
         self.check(model)
@@ -355,7 +384,7 @@ class InspectionMethod(Method):
                 raise ConfigError(f"{self.name} was given no images to fetch sample {index} from")
             return images[index].detach().float()
 
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             state = self.start(model, space)
             for first in range(0, 0 if images is None else images.shape[0], batch_size):
                 pixels = images[first:first + batch_size].detach().to(device, torch.float32)

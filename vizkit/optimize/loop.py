@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from vizkit.hooks import evaluating
 from vizkit.optimize.problem import Diverged, OptimizationConfig, Problem, closure_for, make_optimizer
 
 
@@ -18,17 +19,14 @@ def frozen(model: nn.Module) -> Iterator[None]:
     then computes the image's gradient only (lucent computes every weight's), and BatchNorm uses its
     running statistics. Flags and mode are restored afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
     try:
         for parameter, _ in flags:
             parameter.requires_grad_(False)
-        model.eval()
-        yield
+        with evaluating(model):
+            yield
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
-        for module, mode in modes:
-            module.training = mode
 
 
 @dataclass

@@ -9,6 +9,7 @@ loss stops the run with a clear error after writing all of that.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -22,6 +23,8 @@ from vizkit.data import open_inputs, unique_names
 from vizkit.errors import ConfigError, VizkitError
 from vizkit.methods.base import OptimizationMethod
 from vizkit.models import data_config
+
+log = logging.getLogger("vizkit")
 
 
 def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model: torch.nn.Module, started: float) -> dict[str, Any]:
@@ -51,8 +54,9 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
     problem = method.problem(model, target, images)
     sources = [_input_of(name, samples) for name in problem.names]
     problem.names = unique_names([name if sample is None else sample.name + "".join(name.partition("@")[1:])  # input3@layer2 -> cat@layer2
-                                  for name, sample in zip(problem.names, sources)])
+                                  for name, sample in zip(problem.names, sources)], reserved=[GRID])
     read = time.perf_counter()
+    log.info("%s: optimizing %d image(s) together, about %.0f MiB", method.name, len(problem.names), getattr(method, "memory_estimate", 0) / 2**20)
 
     # loss curves every few steps (each logged step costs ~1-2 ms), pictures every log_every
     # a checkpoint of the image (its parameters and the optimizer's state, not the network's weights)
@@ -81,7 +85,7 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
                         "source": sources[row].source if sources[row] is not None else None,
                         "metrics": {key: float(values[row]) for key, values in metrics.items()}})
     if len(records) > 1:
-        writer.save_picture("grid", render.grid([render.to_uint8(image) for image in final], problem.grid_columns))
+        writer.save_picture(GRID, render.grid([render.to_uint8(image) for image in final], problem.grid_columns))
     summary = {name: float(values.mean()) for name, values in metrics.items()}
     for name, values in task.history.losses.items():
         if values:
@@ -112,6 +116,7 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
     return results
 
 
+GRID = "grid"  # images/grid.png: the batch side by side; an input called grid becomes grid_2
 MAX_START_IMAGES = 256  # an optimization's images are one batch: a data set's worth is a mistake, said before decoding
 
 

@@ -62,6 +62,9 @@ class Occlusion(AttributionMethod):
     def compute(self, model, x, target, pixels):
         config = self.config
         batch, _, height, width = x.shape
+        if config.window > min(height, width):  # refused as captum does: the map would be constant along that side
+            raise ConfigError(f"occlusion: the window ({config.window} px) is larger than the input ({height}x{width}): it would cover "
+                              f"a whole side at every position and the map would not vary along it; use window <= {min(height, width)}")
         boxes = self._windows(height, width)  # (y0, y1, x0, x1) per window
         fill = pixels.fill(config.fill, x)  # [1,C,1,1]
         with torch.no_grad():

@@ -106,6 +106,8 @@ class TopPatches(InspectionMethod):
         if activation.dim() != 4:
             raise ConfigError(f"layer '{name}' outputs shape {tuple(activation.shape[1:])}, not a [C,H,W] feature map; choose a convolutional layer")
         batch, channels, height, width = activation.shape
+        if state is None:  # the first batch: a listed channel the layer lacks is refused now, not after the scan
+            self.chosen({"values": activation.new_zeros(channels, 1)})
         best, where = activation.float().flatten(2).max(2)  # [B,C]: each image's strongest response per channel
         candidates = (best.T, indices.view(1, -1).expand(channels, -1), (where // width).T, (where % width).T)
         if state is not None:

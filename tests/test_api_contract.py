@@ -1,0 +1,162 @@
+"""The Python API's side of the plugin contract, for every registered method (built-ins and the RISE
+plugin alike): a model handed over in train mode is used in eval mode and given back as it was
+(modes, BatchNorm statistics, weights, hooks), and bad batches, targets and normalizations are
+refused with a message that says what would be right."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import vizkit
+from conftest import model_state
+from vizkit.errors import ConfigError
+from vizkit.methods.base import AdversarialMethod, AttributionMethod, InspectionMethod, OptimizationMethod
+from vizkit.registry import discover
+
+QUICK = {  # fields that keep each call short; everything else is the method's default
+    "integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2}, "rise": {"masks": 16},
+    "occlusion": {"window": 32, "stride": 32}, "pgd": {"steps": 2}, "deepfool": {"steps": 2},
+    "class_model": {"steps": 2}, "feature_viz": {"steps": 2}, "inversion": {"steps": 2}, "deep_dream": {"steps": 3},
+    "neural_style": {"steps": 1}, "fooling_images": {"steps": 2}, "top_patches": {"k": 1},
+}
+TARGETS = {"feature_viz": "channel:layer3:5"}
+
+
+@pytest.fixture(scope="module")
+def pixels(embedded_samples):
+    return embedded_samples[:2]
+
+
+def call(method, model, pixels):
+    """The method's verb on the embedded model and two sample images; the result as tensors."""
+    space = vizkit.pixels.PixelSpace.for_model(model)
+    if isinstance(method, AttributionMethod):
+        return [method.attribute(model, space.from_pixels(pixels))]
+    if isinstance(method, AdversarialMethod) and not isinstance(method, OptimizationMethod) and method.name != "fooling_images":
+        return [method.attack(model, space.from_pixels(pixels))]
+    if isinstance(method, OptimizationMethod) or method.name == "fooling_images":
+        target = TARGETS.get(method.name)
+        images = pixels if getattr(method, "needs_images", False) else None
+        return [method.optimize(model, target, images).images]
+    assert isinstance(method, InspectionMethod)
+    return [picture.float() if isinstance(picture, torch.Tensor) else torch.as_tensor(picture).float()
+            for picture in method.inspect(model, pixels if method.needs_data else None).pictures.values()]
+
+
+@pytest.mark.parametrize("name", sorted(discover()))
+def test_a_model_in_train_mode_is_used_in_eval_mode_and_given_back_as_it_was(embedded, pixels, name):
+    method = vizkit.create_method(name, **QUICK.get(name, {}))
+    expected = call(method, embedded.eval(), pixels)
+    embedded.train()
+    embedded.fc.weight.requires_grad_(False)
+    before = model_state(embedded)
+    weights = {key: value.clone() for key, value in embedded.state_dict().items()}  # BatchNorm statistics too
+    try:
+        got = call(method, embedded, pixels)
+        assert model_state(embedded) == before
+        assert all(torch.equal(value, weights[key]) for key, value in embedded.state_dict().items())
+    finally:
+        embedded.eval()
+        embedded.fc.weight.requires_grad_(True)
+    for one, other in zip(got, expected):  # the same computation as in eval mode, not batch statistics
+        torch.testing.assert_close(one, other, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x: (x * 255).to(torch.uint8), r"the input batch is torch.uint8; give floats normalized as the model expects"),
+    (lambda x: x.double(), r"the input batch is torch.float64 and the model's weights are torch.float32: use x.to\(torch.float32\)"),
+    (lambda x: x[:0], r"the input batch is empty"),
+    (lambda x: x[0], r"expected an input batch \[B,C,H,W\], got shape \(3, 128, 128\)"),
+    (lambda x: x.index_put((torch.tensor([1]), torch.tensor([0]), torch.tensor([3]), torch.tensor([3])), torch.tensor(float("nan"))),
+     r"the input batch holds 1 NaN or infinite value\(s\), in input\(s\) \[1\]"),
+    (lambda x: x.numpy(), r"the input batch must be a torch.Tensor \[B,C,H,W\], got ndarray"),
+])
+@pytest.mark.parametrize("name", ["saliency", "pgd"])
+def test_bad_batches_are_refused(embedded, pixels, name, bad, message):
+    x = vizkit.pixels.PixelSpace.for_model(embedded).from_pixels(pixels)
+    method = vizkit.create_method(name, **QUICK.get(name, {}))
+    with pytest.raises(ConfigError, match=f"{name}: {message}"):
+        (method.attribute if name == "saliency" else method.attack)(embedded, bad(x))
+
+
+@pytest.mark.parametrize("target, message", [
+    (2.7, "a class target must be a whole class index, got 2.7"),
+    (True, "a class target must be a class index or name, got the boolean True"),
+    ([1, 2.5], "a class target must be a whole class index, got 2.5"),
+    (torch.tensor([True, False]), "got the boolean True"),
+])
+def test_class_targets_must_be_whole_numbers(embedded, pixels, target, message):
+    x = vizkit.pixels.PixelSpace.for_model(embedded).from_pixels(pixels)
+    with pytest.raises(ConfigError, match=message):
+        vizkit.create_method("saliency").attribute(embedded, x, target)
+    assert vizkit.create_method("saliency").attribute(embedded, x, 2.0).shape == (2, 1, 128, 128)  # a whole float is fine
+
+
+def test_a_zero_std_is_refused(embedded, pixels):
+    with pytest.raises(ConfigError, match="positive standard deviations.*a std of 0 divides by zero"):
+        vizkit.create_method("saliency").attribute(embedded, pixels, mean=[0, 0, 0], std=[0, 1, 1])
+
+
+def test_optimizations_and_inspections_take_pixels_in_the_unit_range(embedded, pixels):
+    with pytest.raises(ConfigError, match=r"deep_dream: images are pixels in \[0, 1\]; these range from .* to 255 \(8-bit values\? divide by 255\)"):
+        vizkit.create_method("deep_dream", steps=3).optimize(embedded, images=pixels * 255)
+    with pytest.raises(ConfigError, match=r"top_patches: images are pixels in \[0, 1\]"):
+        vizkit.create_method("top_patches").inspect(embedded, pixels - 0.5)
+
+
+def plain_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def test_an_attack_on_a_plain_module_refuses_inputs_that_are_not_pixels():
+    """torchvision users pass normalized inputs; taken as pixels and clamped to [0, 1], PGD with
+    ε = 2/255 returned images 2.13 away from x."""
+    normalized = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ConfigError, match=r"pgd: the model has no data config and no mean/std was given, so x is taken as pixels in \[0, 1\], "
+                                          r"but it ranges from .*pass mean=\.\.\. and std=\.\.\."):
+        vizkit.create_method("pgd", steps=2).attack(plain_net(), normalized)
+    images = (torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) - 0.5) / 0.25  # pixels, normalized by the caller
+    adversarial = vizkit.create_method("pgd", eps="2/255", steps=2).attack(plain_net(), images, mean=[0.5] * 3, std=[0.25] * 3)
+    assert (adversarial - images).abs().max() <= 2 / 255 / 0.25 + 1e-5
+
+
+def test_an_attribution_on_a_plain_module_warns_once_about_inputs_that_are_not_pixels(monkeypatch):
+    import warnings
+
+    from vizkit import validate
+
+    monkeypatch.setattr(validate, "_warned", set())  # once per process: earlier tests may have had theirs
+    normalized = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="deconvnet: the model has no data config"):
+        vizkit.create_method("deconvnet").attribute(plain_net(), normalized, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vizkit.create_method("deconvnet").attribute(plain_net(), normalized, 0)  # said once is enough
+
+
+def test_a_channel_of_a_layer_that_runs_twice_is_refused():
+    from test_attribution_family import SharedConv  # its conv runs twice per forward
+
+    with pytest.raises(ConfigError, match="layer 'conv' runs 2 times in one forward pass, so its output is ambiguous"):
+        vizkit.create_method("saliency").attribute(SharedConv(), torch.rand(2, 3, 8, 8), "channel:conv:1")
+
+
+def test_too_many_images_at_once_are_refused_before_the_first_step(monkeypatch):
+    """class_model on an ImageNet model defaults to its 1,000 classes in one batch: ~69 GiB through a
+    resnet18 at 224 px, once a 3.2 GB allocation that died with a traceback. The free memory is fixed
+    at 4 GiB here so the test does not depend on the machine."""
+    import timm
+
+    from vizkit import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 4 * 2**30)
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    with pytest.raises(ConfigError, match=r"class_model would optimize 1000 images together, about \d+\.\d GiB \(\d+ MiB each\) "
+                                          r"with 4\.0 GiB free on cpu: about \d+ fit; choose fewer"):
+        vizkit.create_method("class_model", steps=1).optimize(model)
+    with pytest.raises(ConfigError, match="fooling_images would optimize 1000 images together"):
+        vizkit.create_method("fooling_images", steps=1).optimize(model)
+    few = vizkit.create_method("class_model", steps=1, size=32).optimize(model, ["class:1", "class:2"])
+    assert few.images.shape == (2, 3, 32, 32)
