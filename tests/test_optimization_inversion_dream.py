@@ -81,8 +81,9 @@ def test_inversion_batches_inputs_by_layers_with_one_forward_per_step(model, sam
         handle.remove()
     # input-major: row b * L + l is input b from layer l (the grid's rows are inputs when L columns fit)
     assert result.names == ["input0@conv1.2", "input0@layer1", "input1@conv1.2", "input1@layer1"]
-    # Φ0 once, one forward of the whole batch per Adam step, one to measure
-    assert forwards == [2] + [4] * 3 + [4]
+    # Φ0 once, one image to size the batch's memory (vizkit.memory), one forward of the whole batch per
+    # Adam step, one to measure
+    assert forwards == [2] + [1] + [4] * 3 + [4]
     errors = result.metrics["relative_error"]
     for row, (source, layer) in enumerate((b, layer) for b in range(2) for layer in layers):
         expected = relative_errors(model, result.images[row : row + 1], samples[source : source + 1], layer)
