@@ -143,20 +143,51 @@ def test_a_channel_of_a_layer_that_runs_twice_is_refused():
         vizkit.create_method("saliency").attribute(SharedConv(), torch.rand(2, 3, 8, 8), "channel:conv:1")
 
 
-def test_too_many_images_at_once_are_refused_before_the_first_step(monkeypatch):
+def test_too_many_images_at_once_run_in_chunks_or_are_refused_before_the_first_step(monkeypatch):
     """class_model on an ImageNet model defaults to its 1,000 classes in one batch: ~69 GiB through a
     resnet18 at 224 px, once a 3.2 GB allocation that died with a traceback. The free memory is fixed
-    at 4 GiB here so the test does not depend on the machine."""
+    at 4 GiB here so the test does not depend on the machine: class_model and fooling_images split the
+    classes into chunks of as many as fit; feature_viz, whose diversity term couples its batch, and a
+    single ``problem()`` are refused with the numbers."""
     import timm
 
     from vizkit import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 4 * 2**30)
     model = timm.create_model("resnet18", pretrained=False).eval()
-    with pytest.raises(ConfigError, match=r"class_model would optimize 1000 images together, about \d+\.\d GiB \(\d+ MiB each\) "
-                                          r"with 4\.0 GiB free on cpu: about \d+ fit; choose fewer"):
-        vizkit.create_method("class_model", steps=1).optimize(model)
-    with pytest.raises(ConfigError, match="fooling_images would optimize 1000 images together"):
-        vizkit.create_method("fooling_images", steps=1).optimize(model)
-    few = vizkit.create_method("class_model", steps=1, size=32).optimize(model, ["class:1", "class:2"])
-    assert few.images.shape == (2, 3, 32, 32)
+    labels = vizkit.models.class_names(model)
+    for name in ("class_model", "fooling_images"):
+        method = vizkit.create_method(name, steps=1)
+        chunks = method.problems(model)
+        fitting = len(chunks[0].names)
+        assert 1 < fitting < 1000 and all(len(chunk.names) <= fitting for chunk in chunks)
+        assert [name for chunk in chunks for name in chunk.names] == [vizkit.models.class_label(labels, i) for i in range(1000)]
+        with pytest.raises(ConfigError, match=rf"{name} would optimize 1000 images together, about \d+\.\d GiB \(\d+ MiB each\) "
+                                              rf"with 4\.0 GiB free on cpu: about {fitting} fit; choose fewer"):
+            method.problem(model)
+    with pytest.raises(ConfigError, match=r"feature_viz would optimize 400 images together.*and feature_viz's images are optimized together"):
+        vizkit.create_method("feature_viz", batch=400, steps=1).problems(model, "channel:layer3:5")
+
+
+def test_chunks_give_the_images_one_batch_gives(embedded, pixels):
+    """Each image's loss is its own (Adam per element): chunks of 4 give class_model's 6 images bit for
+    bit; inversion's results keep their inputs' numbers across chunks."""
+    whole = vizkit.create_method("class_model", steps=5).optimize(embedded)
+    chunked = vizkit.create_method("class_model", steps=5, chunk_size=4).optimize(embedded)
+    assert chunked.names == whole.names and torch.equal(chunked.images, whole.images)
+    torch.testing.assert_close(torch.tensor(chunked.history.losses["total"]), torch.tensor(whole.history.losses["total"]), rtol=1e-5, atol=0)
+    inversion = vizkit.create_method("inversion", layers=["conv1.2", "layer1"], steps=1, chunk_size=2)
+    assert [problem.names for problem in inversion.problems(embedded, images=torch.cat([pixels, pixels[:1]]))] == [
+        ["input0@conv1.2", "input0@layer1"], ["input1@conv1.2", "input1@layer1"], ["input2@conv1.2", "input2@layer1"]]
+    with pytest.raises(ConfigError, match="chunk_size must be a whole number >= 0"):
+        vizkit.create_method("class_model", chunk_size=-1)
+
+
+def test_a_run_in_chunks_says_so_and_writes_every_image(vizkit_cli):
+    run = vizkit_cli("method=class_model", "method.steps=3", "method.chunk_size=4", "trainer.progress_bar=false")
+    assert run.returncode == 0, run.stderr
+    assert "class_model: optimizing 6 image(s) in 2 chunks of up to 4" in run.stdout + run.stderr
+    results = run.results
+    assert results["chunks"] == 2 and [image["name"] for image in results["images"]] == ["circle", "square", "triangle", "star", "cross", "hexagon"]
+    assert sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()) == ["image-0.ckpt", "image-1.ckpt"]
+    assert (run.run_dir / "images" / "grid.png").is_file() and results["history"]["steps"] == [1, 2, 3]

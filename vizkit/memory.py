@@ -48,17 +48,24 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_batch_fits(owner: str, model: nn.Module, x_one: torch.Tensor, count: int, per_image_extra: int = 0) -> int:
-    """Refuse `count` images optimized together when they cannot fit; returns the estimate in bytes.
+class Budget:
+    """What one image of a batch costs and how many fit: the activations twice (kept for the backward,
+    and the gradients flowing back through them) plus ``per_image_extra`` (the image's parameters and
+    optimizer state), against ``BUDGET`` of the free memory."""
 
-    Per image: the activations twice (kept for the backward, and the gradients flowing back through
-    them) plus ``per_image_extra`` (the image's parameters and optimizer state)."""
-    per_image = 2 * activation_bytes(model, x_one) + per_image_extra
-    needed = per_image * count
-    free = available_bytes(x_one.device)
-    if free is not None and needed > BUDGET * free:
-        fitting = max(int(BUDGET * free // max(per_image, 1)), 0)
-        raise ConfigError(f"{owner} would optimize {count} images together, about {needed / 2**30:.1f} GiB "
-                          f"({per_image / 2**20:.0f} MiB each) with {free / 2**30:.1f} GiB free on {x_one.device}: "
-                          f"about {fitting} fit; choose fewer (e.g. target=[class:0,class:1,...] or fewer input images)")
-    return needed
+    def __init__(self, model: nn.Module, x_one: torch.Tensor, per_image_extra: int = 0) -> None:
+        self.per_image = 2 * activation_bytes(model, x_one) + per_image_extra
+        self.free = available_bytes(x_one.device)
+        self.device = x_one.device
+
+    def fitting(self, count: int) -> int:
+        """How many of `count` images fit together (all of them when the free memory is unknown)."""
+        if self.free is None:
+            return count
+        return min(count, int(BUDGET * self.free // max(self.per_image, 1)))
+
+    def refuse(self, owner: str, count: int, why: str = "") -> ConfigError:
+        needed = self.per_image * count
+        return ConfigError(f"{owner} would optimize {count} images together, about {needed / 2**30:.1f} GiB "
+                           f"({self.per_image / 2**20:.0f} MiB each) with {(self.free or 0) / 2**30:.1f} GiB free on {self.device}: "
+                           f"about {self.fitting(count)} fit{why}; choose fewer (e.g. target=[class:0,class:1,...] or fewer input images)")

@@ -119,6 +119,7 @@ def _trainer(trainer_cfg: Any, run_dir: Path, **settings: Any):
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # an optimization's frozen network is in eval mode on purpose
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")  # a short optimization logs its last step anyway
+    warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # the run's own earlier chunks
     # Lightning's tips and device banner go to INFO; vizkit says which device it used itself
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)

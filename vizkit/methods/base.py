@@ -185,6 +185,10 @@ class OptimizationMethod(Method):
     target_kinds: ClassVar[frozenset[str]] = frozenset()
     default_target: ClassVar["str | None"] = None
     needs_images: ClassVar[bool] = False
+    # whether the images are independent, so that a batch too large for memory may run in chunks
+    # (``split``); a method whose loss couples them (feature_viz's diversity) says False
+    chunkable: ClassVar[bool] = True
+    _results_per_input: int = 1  # results a problem makes per input image (inversion: one per layer)
 
     def optimize(self, model: "torch.nn.Module", target: Any = None, images: "torch.Tensor | None" = None, *,
                  mean: Any = None, std: Any = None, on_step: Any = None):
@@ -198,13 +202,68 @@ class OptimizationMethod(Method):
         ``on_step(step, problem)``: called after every step (and once before the first, step 0).
         The model is not modified: its flags and mode are restored, no hook outlives the call.
         """
-        from vizkit.optimize.loop import run_steps
+        from vizkit.optimize.loop import join, run_steps
 
-        return run_steps(self.problem(model, target, images, mean=mean, std=std), self.config, on_step)
+        return join([run_steps(problem, self.config, on_step) for problem in self.problems(model, target, images, mean=mean, std=std)])
 
     def problem(self, model: "torch.nn.Module", target: Any = None, images: "torch.Tensor | None" = None, *,
                 mean: Any = None, std: Any = None):
-        """The ``Problem`` for these arguments (checked), on the model's device."""
+        """The ``Problem`` for these arguments (checked), on the model's device, all images in one batch:
+        refused when they cannot fit in memory together (``problems`` splits them instead)."""
+        problem = self._problem(model, target, images, mean, std)
+        budget = self.budget(model, problem)
+        if budget.fitting(len(problem.names)) < len(problem.names):
+            raise budget.refuse(self.name, len(problem.names))
+        return problem
+
+    def problems(self, model: "torch.nn.Module", target: Any = None, images: "torch.Tensor | None" = None, *,
+                 mean: Any = None, std: Any = None) -> list:
+        """The ``Problem``s for these arguments: one, or, when its images cannot fit in memory together
+        and the method is ``chunkable``, one per chunk of as many as fit (``split``), optimized one
+        after the other. Their results are the same images as one batch would give, up to the
+        optimizer's coupling of a batch (L-BFGS's shared line search)."""
+        whole = self._problem(model, target, images, mean, std)
+        count = len(whole.names)
+        budget = self.budget(model, whole)
+        fitting = budget.fitting(count)
+        if self.config.chunk_size and self.chunkable:
+            fitting = min(fitting, self.config.chunk_size)
+        self.memory_estimate = budget.per_image * min(fitting, count)
+        if fitting >= count:
+            return [whole]
+        if not self.chunkable or fitting < 1:
+            raise budget.refuse(self.name, count, "" if self.chunkable else f", and {self.name}'s images are optimized together")
+        del whole
+        problems = []
+        offset = 0
+        for part_target, part_images in self.split(model, target, images, fitting):
+            problem = self._problem(model, part_target, part_images, mean, std)
+            if part_images is not None:  # results are named input{row}: rows of the whole batch
+                problem.names = [_renumbered(name, offset) for name in problem.names]
+                offset += part_images.shape[0]
+            problems.append(problem)
+        return problems
+
+    def split(self, model: "torch.nn.Module", target: Any, images: "torch.Tensor | None", fitting: int) -> list[tuple[Any, Any]]:
+        """(target, images) of each chunk of at most `fitting` results. By default the input images are
+        split (a method making several results per input keeps an input's together)."""
+        if images is None:
+            raise ConfigError(f"{self.name} cannot split its batch; choose fewer images")
+        per_input = max(1, self._results_per_input)
+        step = max(1, fitting // per_input)
+        return [(target, images[start:start + step]) for start in range(0, images.shape[0], step)]
+
+    def budget(self, model: "torch.nn.Module", problem):
+        """What one of `problem`'s images costs in memory and how many fit (``vizkit.memory``)."""
+        from vizkit.hooks import evaluating
+        from vizkit.memory import Budget
+
+        one = problem.pixels()[:1].detach()
+        with evaluating(model):
+            # per image: its parameters, their gradient and Adam's two moments, in float32
+            return Budget(model, problem.normalize(one), per_image_extra=4 * 4 * one.numel())
+
+    def _problem(self, model, target, images, mean, std):
         import torch
 
         from vizkit.pixels import PixelSpace
@@ -226,19 +285,9 @@ class OptimizationMethod(Method):
             images = images.detach().float().to(device)
         pixels = PixelSpace.for_model(model, mean=mean, std=std, device=device)
         problem = self.setup(model, target, images, pixels)
-        self.memory_estimate = self.check_fits(model, problem)
+        if images is not None:
+            self._results_per_input = len(problem.names) // max(images.shape[0], 1)
         return problem
-
-    def check_fits(self, model: "torch.nn.Module", problem) -> int:
-        """Refuse, before the first step, a batch of images that cannot fit in memory together (see
-        ``vizkit.memory``); returns the estimate in bytes."""
-        from vizkit.hooks import evaluating
-        from vizkit.memory import check_batch_fits
-
-        one = problem.pixels()[:1].detach()
-        with evaluating(model):
-            # per image: its parameters, their gradient and Adam's two moments, in float32
-            return check_batch_fits(self.name, model, problem.normalize(one), len(problem.names), per_image_extra=4 * 4 * one.numel())
 
     def check(self, model: "torch.nn.Module") -> None:
         """Refuse a model this method cannot work on (a layer it does not have) before any work."""
@@ -424,3 +473,11 @@ class InspectionMethod(Method):
     def finish(self, state: Any, model: "torch.nn.Module", space: "PixelSpace", fetch: Any) -> Inspection:
         """The method's result from its final state."""
         raise NotImplementedError
+
+
+def _renumbered(name: str, offset: int) -> str:
+    """``input3@layer2`` of a chunk that starts at input `offset` -> ``input{3 + offset}@layer2``."""
+    import re
+
+    match = re.fullmatch(r"input(\d+)(.*)", name)
+    return f"input{int(match.group(1)) + offset}{match.group(2)}" if match else name

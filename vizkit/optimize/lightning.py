@@ -37,8 +37,9 @@ def step_loader(steps: int) -> DataLoader:
 
 
 class OptimizationTask(pl.LightningModule):
-    def __init__(self, problem: Problem, config: OptimizationConfig, on_images: Callable[[int, torch.Tensor], None]) -> None:
+    def __init__(self, problem: Problem, config: OptimizationConfig, on_images: Callable[[int, torch.Tensor], None], suffix: str = "") -> None:
         super().__init__()
+        self.suffix = suffix  # "/chunkK" when a batch runs in chunks: loss/total/chunkK, ...
         self.problem = problem
         self.config = config
         self.on_images = on_images
@@ -69,7 +70,7 @@ class OptimizationTask(pl.LightningModule):
             self.trainer.should_stop = True
             return None  # Lightning skips the backward and the optimizer step
         self.history.add(step, total, parts)
-        self.log_dict({"loss/total": total.detach(), **{f"loss/{k}": v.detach() for k, v in parts.items()}},
+        self.log_dict({f"loss/total{self.suffix}": total.detach(), **{f"loss/{k}{self.suffix}": v.detach() for k, v in parts.items()}},
                       on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
         return total
 

@@ -61,6 +61,35 @@ class Optimized:
     stopped: str | None = None  # why the run stopped early (a diverged loss), else None
 
 
+def join(parts: list[Optimized]) -> Optimized:
+    """The results of a batch optimized in chunks, as one: images, names and metrics in order, the loss
+    histories joined (``join_histories``), ``stopped`` the first chunk's reason, if any."""
+    if len(parts) == 1:
+        return parts[0]
+    return Optimized(
+        images=torch.cat([part.images for part in parts]),
+        names=[name for part in parts for name in part.names],
+        metrics={key: torch.cat([part.metrics[key] for part in parts]) for key in parts[0].metrics},
+        history=join_histories([part.history for part in parts]),
+        stopped=next((part.stopped for part in parts if part.stopped), None),
+    )
+
+
+def join_histories(histories: list[History]) -> History:
+    """The chunks' loss histories as one: at each step the sum of the totals, the mean of the parts
+    (which are means over a chunk's images), up to the shortest chunk."""
+    if len(histories) == 1:
+        return histories[0]
+    joined = History()
+    steps = min(len(history.steps) for history in histories)
+    joined.steps = histories[0].steps[:steps]
+    for name in histories[0].losses:
+        columns = [history.losses[name][:steps] for history in histories]
+        combine = sum if name == "total" else (lambda values: sum(values) / len(values))
+        joined.losses[name] = [combine(values) for values in zip(*columns)]
+    return joined
+
+
 def run_steps(problem: Problem, config: OptimizationConfig, on_step: Callable[[int, Problem], None] | None = None) -> Optimized:
     """``config.steps`` optimizer steps on ``problem`` in plain torch. A diverged loss ends the loop
     early with the images as they were; ``stopped`` says why."""

@@ -32,8 +32,11 @@ class OptimizationConfig:
     log_every: int = 32  # images to TensorBoard every this many steps (and at the first and last)
     seed: int = 0  # the image's initialization and the random transforms; the global RNG is untouched
     max_loss: float = 1e12  # a |loss| above this (or a NaN) stops the run: the optimization diverged
+    chunk_size: int = 0  # images optimized together at most, one chunk after the other (0: as many as fit in memory)
 
     def __post_init__(self) -> None:
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 0:
+            raise ConfigError(f"chunk_size must be a whole number >= 0 (0: as many images as fit in memory), got {self.chunk_size!r}")
         for name in ("steps", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vizkit import output, render
+from vizkit import interrupt, output, render
 from vizkit.data import open_inputs, unique_names
 from vizkit.errors import ConfigError, VizkitError
 from vizkit.methods.base import OptimizationMethod
@@ -28,11 +28,8 @@ log = logging.getLogger("vizkit")
 
 
 def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model: torch.nn.Module, started: float) -> dict[str, Any]:
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    from vizkit.optimize.lightning import OptimizationTask, step_loader
-    from vizkit.optimize.loop import frozen
-    from vizkit.runner import _trainer, method_hparams, run_header
+    from vizkit.optimize.loop import frozen, join_histories
+    from vizkit.runner import method_hparams, run_header
 
     trainer_cfg = cfg.get("trainer", {})
     if int(trainer_cfg.get("devices", 1) or 1) != 1:
@@ -51,46 +48,48 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
     target = _plain(cfg.get("target", "predicted"))
     if str(target) == "predicted":  # nothing to predict: the method's own default, if it has one
         target = method.default_target
-    problem = method.problem(model, target, images)
-    sources = [_input_of(name, samples) for name in problem.names]
-    problem.names = unique_names([name if sample is None else sample.name + "".join(name.partition("@")[1:])  # input3@layer2 -> cat@layer2
-                                  for name, sample in zip(problem.names, sources)], reserved=[GRID])
+    problems = method.problems(model, target, images)
+    names = unique_names([_shown_name(name, samples) for problem in problems for name in problem.names], reserved=[GRID])
+    for problem in problems:  # input3@layer2 -> cat@layer2
+        sources = [_input_of(name, samples) for name in problem.names]
+        problem.sources, problem.names, names = sources, names[:len(problem.names)], names[len(problem.names):]
     read = time.perf_counter()
-    log.info("%s: optimizing %d image(s) together, about %.0f MiB", method.name, len(problem.names), getattr(method, "memory_estimate", 0) / 2**20)
+    count = sum(len(problem.names) for problem in problems)
+    log.info("%s: optimizing %d image(s)%s, about %.0f MiB at a time", method.name, count,
+             f" in {len(problems)} chunks of up to {len(problems[0].names)}" if len(problems) > 1 else " together",
+             getattr(method, "memory_estimate", 0) / 2**20)
 
-    # loss curves every few steps (each logged step costs ~1-2 ms), pictures every log_every
-    # a checkpoint of the image (its parameters and the optimizer's state, not the network's weights)
-    # when the fit ends (the whole fit is one epoch): checkpoints/image.ckpt
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="image", every_n_epochs=1, save_on_train_epoch_end=True,
-                                 save_top_k=1, enable_version_counter=False)
-    trainer, logger = _trainer(trainer_cfg, run_dir, log_every_n_steps=min(method.config.log_every, 8), max_steps=method.config.steps,
-                               enable_checkpointing=True, callbacks=[checkpoint])
-    writer = output.RunWriter(run_dir, method.name, logger.experiment)
-    task = OptimizationTask(problem, method.config, lambda step, pixels: writer.add_image_batch(problem.names, pixels, step))
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-    with frozen(model):
-        try:
-            trainer.fit(task, train_dataloaders=step_loader(method.config.steps))
-        except SIGTERMException:  # Lightning's own reaction to SIGTERM, after the step we stopped at and its checkpoint
-            pass
+    writer = None
+    tasks, done = [], []
+    for index, problem in enumerate(problems):
+        trainer, logger, task = _fit(cfg, run_dir, method, model, problem, index if len(problems) > 1 else None, writer)
+        writer = writer or task.writer
+        tasks.append(task)
+        done.append(problem)
+        if task.stopped is not None or interrupt.received() is not None:
+            break  # a diverged loss or a signal: the chunks not started are left out
     fitted = time.perf_counter()
 
     with torch.no_grad(), frozen(model):
-        final = problem.pixels().detach().float().cpu()
-        metrics = {name: values.detach().float().cpu() for name, values in problem.measure().items()}
+        final = torch.cat([problem.pixels().detach().float().cpu() for problem in done])
+        measured = [{name: values.detach().float().cpu() for name, values in problem.measure().items()} for problem in done]
+        metrics = {name: torch.cat([part[name] for part in measured]) for name in measured[0]}
+    problem_names = [name for problem in done for name in problem.names]
+    sources = [source for problem in done for source in problem.sources]
+    history = join_histories([task.history for task in tasks])
+    stopped = next((task.stopped for task in tasks if task.stopped is not None), None)
     records = []
-    for row, name in enumerate(problem.names):
+    for row, name in enumerate(problem_names):
         records.append({"name": name, "png": writer.save_picture(name, render.to_uint8(final[row])),
                         "source": sources[row].source if sources[row] is not None else None,
                         "metrics": {key: float(values[row]) for key, values in metrics.items()}})
     if len(records) > 1:
-        writer.save_picture(GRID, render.grid([render.to_uint8(image) for image in final], problem.grid_columns))
+        writer.save_picture(GRID, render.grid([render.to_uint8(image) for image in final], done[0].grid_columns))
     summary = {name: float(values.mean()) for name, values in metrics.items()}
-    for name, values in task.history.losses.items():
+    for name, values in history.losses.items():
         if values:
             summary[f"loss_{name}_first"], summary[f"loss_{name}_last"] = values[0], values[-1]
-    steps_done = len(task.history.steps)
+    steps_done = len(history.steps)
     timings = {
         "model_load_seconds": loaded - started,
         "data_seconds": read - loaded,
@@ -105,15 +104,50 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
         **run_header(method, cfg, target, trainer),
         "images": records,
         "metrics": summary,
-        "history": {"steps": task.history.steps, **task.history.losses},
-        "stopped": task.stopped,
+        "history": {"steps": history.steps, **history.losses},
+        "chunks": len(done),
+        "stopped": stopped,
         "timings": {**timings, "write_seconds": time.perf_counter() - fitted, "run_seconds": time.perf_counter() - started},
     }
     writer.finish(results)
-    logger.finalize("success" if task.stopped is None else "failed")
-    if task.stopped is not None:
-        raise VizkitError(f"{method.name} stopped: {task.stopped}. What was logged up to then is kept in {run_dir}")
+    logger.finalize("success" if stopped is None else "failed")
+    if stopped is not None:
+        raise VizkitError(f"{method.name} stopped: {stopped}. What was logged up to then is kept in {run_dir}")
     return results
+
+
+def _fit(cfg: Any, run_dir: Path, method: OptimizationMethod, model: torch.nn.Module, problem: Any, chunk: int | None, writer: Any):
+    """One problem fitted by a Trainer of its own; ``chunk``: its number when the batch runs in chunks
+    (its loss curves are tagged ``loss/NAME/chunkK`` and its checkpoint is ``image-K.ckpt``)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from vizkit.optimize.lightning import OptimizationTask, step_loader
+    from vizkit.optimize.loop import frozen
+    from vizkit.runner import _trainer
+
+    # loss curves every few steps (each logged step costs ~1-2 ms), pictures every log_every
+    # a checkpoint of the image (its parameters and the optimizer's state, not the network's weights)
+    # when the fit ends (the whole fit is one epoch): checkpoints/image.ckpt
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="image" if chunk is None else f"image-{chunk}", every_n_epochs=1,
+                                 save_on_train_epoch_end=True, save_top_k=1, enable_version_counter=False)
+    trainer, logger = _trainer(cfg.get("trainer", {}), run_dir, log_every_n_steps=min(method.config.log_every, 8), max_steps=method.config.steps,
+                               enable_checkpointing=True, callbacks=[checkpoint])
+    writer = writer or output.RunWriter(run_dir, method.name, logger.experiment)
+    task = OptimizationTask(problem, method.config, lambda step, pixels: writer.add_image_batch(problem.names, pixels, step),
+                            suffix="" if chunk is None else f"/chunk{chunk}")
+    task.writer = writer
+    with frozen(model):
+        try:
+            trainer.fit(task, train_dataloaders=step_loader(method.config.steps))
+        except SIGTERMException:  # Lightning's own reaction to SIGTERM, after the step we stopped at and its checkpoint
+            pass
+    return trainer, logger, task
+
+
+def _shown_name(name: str, samples: list) -> str:
+    sample = _input_of(name, samples)
+    return name if sample is None else sample.name + "".join(name.partition("@")[1:])
 
 
 GRID = "grid"  # images/grid.png: the batch side by side; an input called grid becomes grid_2

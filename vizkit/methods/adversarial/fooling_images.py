@@ -70,7 +70,8 @@ class FoolingImages(ClassModel):
         size = config.size or int(data_config(model)["input_size"][-1])
         shape = (len(indices), 3, size, size)
         if config.init == "noise":  # its own generator: the global RNG is untouched
-            start = torch.rand(shape, generator=torch.Generator().manual_seed(config.seed))
+            # a chunk of classes (see OptimizationMethod.problems) draws its own stream: seeded by its first class
+            start = torch.rand(shape, generator=torch.Generator().manual_seed(config.seed + indices[0]))
         else:
             start = torch.full(shape, 0.5)
         image = make_image("pixels", len(indices), size, size, init=start.to(device), device=device)

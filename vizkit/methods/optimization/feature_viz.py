@@ -81,6 +81,7 @@ class FeatureViz(OptimizationMethod):
     description = "the image a channel, neuron or layer likes most: Fourier parameterization, decorrelated colour, transformation robustness (Olah et al. 2017)"
     Config = FeatureVizConfig
     target_kinds = frozenset({"channel", "neuron", "layer", "class"})
+    chunkable = False  # the diversity term couples a batch's images
 
     def setup(self, model, target, images, pixels):
         config = self.config
