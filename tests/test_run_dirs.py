@@ -185,3 +185,25 @@ def test_an_interrupted_optimization_keeps_its_images_and_checkpoint(tmp_path):
     assert results["status"] == "interrupted" and 1 <= results["timings"]["steps"] < 100000
     assert len(results["images"]) == 6 and all((run_dir / image["png"]).is_file() for image in results["images"])
     assert (run_dir / "checkpoints" / "image.ckpt").is_file() and (run_dir / "images" / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_run_stops_both_ranks_without_a_hang(tmp_path):
+    """`timeout` and `kill` signal the main process only; Lightning forwards SIGTERM to the rank it
+    started. Each rank stops after its batch; rank 0 writes its own inputs' records without waiting
+    at the rank exchange (a rank that was never signalled could keep it waiting forever)."""
+    run_dir = tmp_path / "run"
+    process = _start([f"hydra.run.dir={run_dir}", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "data=shapes",
+                      "data.count=400", "data.batch_size=1", "trainer.progress_bar=false"], tmp_path)
+    _wait_for(lambda: (run_dir / "images").is_dir() and len(list((run_dir / "images").iterdir())) >= 4, process)
+    process.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143, stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "interrupted" and 1 <= len(results["inputs"]) < 400
+    assert len(list((run_dir / "images").iterdir())) >= len(results["inputs"])  # every rank's pictures
+    assert "summarizes rank 0's inputs only" in stdout + stderr
