@@ -133,8 +133,8 @@ def _main(cfg: DictConfig) -> None:
         print(f"vizkit: {results['method']['name']} on {len(results['inputs'])} input(s){skipped}, {results['device']} -> {run_dir}")  # user-facing
     print(f"vizkit: review with: tensorboard --logdir {_review_dir(run_dir)}")  # user-facing
     if signum is not None:
-        print(f"vizkit: interrupted by {interrupt.name(signum)}: what finished is written above, results.json says "
-              f"status 'interrupted'", file=sys.stderr)  # user-facing
+        said = "what finished is written above, results.json says status 'interrupted'"
+        print(f"vizkit: interrupted by {interrupt.name(signum)}: {said}", file=sys.stderr)  # user-facing
         sys.exit(128 + signum)  # 130 for SIGINT, 143 for SIGTERM: what shells and schedulers expect
 
 

@@ -56,7 +56,8 @@ def open_image(path: Path) -> Image.Image:
             with Image.open(path) as image:
                 image.load()
                 # a phone photo's pixels are stored sideways, with the turn in its EXIF orientation tag
-                return to_rgb(ImageOps.exif_transpose(image))
+                ImageOps.exif_transpose(image, in_place=True)
+                return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise VizkitError(f"refusing image {path}: too many pixels for a safe decode ({error})") from None
     except FileNotFoundError:

@@ -39,8 +39,8 @@ def _handle(signum, frame) -> None:
         print(f"\nvizkit: {name(signum)} again: stopping now, without writing results", file=sys.stderr, flush=True)  # user-facing
         os._exit(128 + signum)
     _received = signum
-    print(f"\nvizkit: {name(signum)} received: stopping after the current batch or step, then writing what finished "
-          f"({name(signum)} again to stop at once)", file=sys.stderr, flush=True)  # user-facing
+    message = f"stopping after the current batch or step, then writing what finished ({name(signum)} again to stop at once)"
+    print(f"\nvizkit: {name(signum)} received: {message}", file=sys.stderr, flush=True)  # user-facing
 
 
 @contextmanager

@@ -109,7 +109,8 @@ def stream(cfg: Any, run_dir: Path, task: Any, inputs: Inputs, method_name: str,
     writer = consumer.writer
     writer.end_rank()  # before the gather's barrier: rank 0 then adopts the closed archives
     mine = {"records": consumer.records, "skipped": consumer.skipped, "state": rank_state() if rank_state is not None else None}
-    if interrupt.received() is not None and trainer.world_size > 1:
+    rank_zero_only = interrupt.received() is not None and trainer.world_size > 1
+    if rank_zero_only:
         # the other ranks may not have been signalled: no barrier that could wait for them forever;
         # each rank's pictures are on disk, rank 0 summarizes its own inputs
         ranks = [mine] if trainer.global_rank == 0 else None
@@ -117,7 +118,7 @@ def stream(cfg: Any, run_dir: Path, task: Any, inputs: Inputs, method_name: str,
         ranks = collect_on_rank_zero(trainer, mine, run_dir, "stream", map_location=trainer.strategy.root_device)
     if ranks is None:
         return Streamed(trainer, logger, writer, on_rank_zero=False)
-    if ranks == [mine] and trainer.world_size > 1:
+    if rank_zero_only:
         log.warning("interrupted: results.json summarizes rank 0's inputs only; every rank's pictures are in images/")
     else:
         writer.adopt_rank_maps(trainer.world_size)

@@ -126,10 +126,8 @@ def check_run_settings(cfg: Any) -> None:
         raise ConfigError(f"trainer.accelerator={accelerator}, but no GPU is visible to torch here: use trainer.accelerator=auto "
                           f"(a GPU when there is one, else the CPU) or cpu")
     devices = trainer.get("devices", 1)
-    if str(devices) != "auto" and not isinstance(devices, (list, tuple)) and type(devices).__name__ != "ListConfig":
-        if str(devices).strip() == "-1":
-            return
-        whole_number("trainer.devices", devices, 1)
+    if str(devices).strip() not in ("auto", "-1") and not isinstance(devices, (list, tuple)) and type(devices).__name__ != "ListConfig":
+        whole_number("trainer.devices", devices, 1)  # -1 and auto: every device Lightning finds
     precision = str(trainer.get("precision", "32-true"))
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")

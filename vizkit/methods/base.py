@@ -188,7 +188,6 @@ class OptimizationMethod(Method):
     # whether the images are independent, so that a batch too large for memory may run in chunks
     # (``split``); a method whose loss couples them (feature_viz's diversity) says False
     chunkable: ClassVar[bool] = True
-    _results_per_input: int = 1  # results a problem makes per input image (inversion: one per layer)
 
     def optimize(self, model: "torch.nn.Module", target: Any = None, images: "torch.Tensor | None" = None, *,
                  mean: Any = None, std: Any = None, on_step: Any = None):
@@ -228,30 +227,30 @@ class OptimizationMethod(Method):
         fitting = budget.fitting(count)
         if self.config.chunk_size and self.chunkable:
             fitting = min(fitting, self.config.chunk_size)
-        self.memory_estimate = budget.per_image * min(fitting, count)
         if fitting >= count:
+            whole.memory_bytes = budget.per_image * count
             return [whole]
-        if not self.chunkable or fitting < 1:
+        # a chunk holds whole inputs (inversion makes one result per input and layer), or classes
+        per_unit = max(1, count // images.shape[0]) if images is not None else 1
+        if not self.chunkable or fitting < per_unit:
             raise budget.refuse(self.name, count, "" if self.chunkable else f", and {self.name}'s images are optimized together")
         del whole
         problems = []
         offset = 0
-        for part_target, part_images in self.split(model, target, images, fitting):
+        for part_target, part_images in self.split(model, target, images, fitting // per_unit):
             problem = self._problem(model, part_target, part_images, mean, std)
+            problem.memory_bytes = budget.per_image * len(problem.names)
             if part_images is not None:  # results are named input{row}: rows of the whole batch
                 problem.names = [_renumbered(name, offset) for name in problem.names]
                 offset += part_images.shape[0]
             problems.append(problem)
         return problems
 
-    def split(self, model: "torch.nn.Module", target: Any, images: "torch.Tensor | None", fitting: int) -> list[tuple[Any, Any]]:
-        """(target, images) of each chunk of at most `fitting` results. By default the input images are
-        split (a method making several results per input keeps an input's together)."""
+    def split(self, model: "torch.nn.Module", target: Any, images: "torch.Tensor | None", size: int) -> list[tuple[Any, Any]]:
+        """(target, images) of each chunk: by default `size` input images at a time."""
         if images is None:
             raise ConfigError(f"{self.name} cannot split its batch; choose fewer images")
-        per_input = max(1, self._results_per_input)
-        step = max(1, fitting // per_input)
-        return [(target, images[start:start + step]) for start in range(0, images.shape[0], step)]
+        return [(target, images[start:start + size]) for start in range(0, images.shape[0], size)]
 
     def budget(self, model: "torch.nn.Module", problem):
         """What one of `problem`'s images costs in memory and how many fit (``vizkit.memory``)."""
@@ -284,10 +283,7 @@ class OptimizationMethod(Method):
             check_pixels(self.name, images)
             images = images.detach().float().to(device)
         pixels = PixelSpace.for_model(model, mean=mean, std=std, device=device)
-        problem = self.setup(model, target, images, pixels)
-        if images is not None:
-            self._results_per_input = len(problem.names) // max(images.shape[0], 1)
-        return problem
+        return self.setup(model, target, images, pixels)
 
     def check(self, model: "torch.nn.Module") -> None:
         """Refuse a model this method cannot work on (a layer it does not have) before any work."""

@@ -57,7 +57,7 @@ def run_optimization(cfg: Any, run_dir: Path, method: OptimizationMethod, model:
     count = sum(len(problem.names) for problem in problems)
     log.info("%s: optimizing %d image(s)%s, about %.0f MiB at a time", method.name, count,
              f" in {len(problems)} chunks of up to {len(problems[0].names)}" if len(problems) > 1 else " together",
-             getattr(method, "memory_estimate", 0) / 2**20)
+             max(getattr(problem, "memory_bytes", 0) for problem in problems) / 2**20)
 
     writer = None
     tasks, done = [], []

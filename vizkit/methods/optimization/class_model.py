@@ -106,12 +106,12 @@ class ClassModel(OptimizationMethod):
     target_kinds = frozenset({"class"})
     default_target = "all"
 
-    def split(self, model, target, images, fitting):
-        """Chunks of at most `fitting` classes, in class order."""
+    def split(self, model, target, images, size):
+        """Chunks of `size` classes, in class order."""
         if target is None or (isinstance(target, str) and target.strip().lower() == "predicted"):
             target = self.default_target
         indices = class_indices(target, model, class_names(model))
-        return [([f"class:{i}" for i in indices[start:start + fitting]], None) for start in range(0, len(indices), fitting)]
+        return [([f"class:{i}" for i in indices[start:start + size]], None) for start in range(0, len(indices), size)]
 
     def setup(self, model, target, images, pixels):
         config = self.config
