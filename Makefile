@@ -19,10 +19,10 @@ bench: $(STAMP)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml plugins/vizkit-rise/pyproject.toml
+$(STAMP): pyproject.toml plugins/vizkit-rise/pyproject.toml plugins/vizkit-sparsity/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -e plugins/vizkit-rise
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e plugins/vizkit-rise -e plugins/vizkit-sparsity
 	# torchattacks (the adversarial differential tests' peer) pins requests~=2.25.1, which conflicts with
 	# huggingface_hub's own pins: it needs none of those at import, so it goes in without its dependencies
 	$(BIN)/python -m pip install --quiet --no-deps torchattacks==3.5.1

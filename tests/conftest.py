@@ -49,7 +49,7 @@ def compose():
     """The composed config for a list of overrides (Hydra's compose API, the same conf/ tree)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from vizkit.app import CONF_DIR, setup
+    from vizkit.cli.app import CONF_DIR, setup
 
     setup()
 
@@ -73,8 +73,8 @@ def embedded_samples(embedded):
     """The default data: the embedded model's sample images (one per class), pixels [6,3,128,128]."""
     import torch
 
-    from vizkit.data import load_samples
-    from vizkit.models import EMBEDDED_DIR, data_config
+    from vizkit.core.data import load_samples
+    from vizkit.core.models import EMBEDDED_DIR, data_config
 
     found = load_samples({"kind": "images", "paths": [str(EMBEDDED_DIR.parent / "samples")]}, data_config(embedded))
     return torch.stack([sample.pixels for sample in found])

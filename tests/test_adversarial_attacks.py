@@ -10,14 +10,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tiny_models import pixel_batch, single_thread, timm_model, tiny_relu_net
-from vizkit.configured import configure
-from vizkit.data import load_shapes
-from vizkit.errors import ConfigError
+from vizkit.core.configured import configure
+from vizkit.core.data import load_shapes
+from vizkit.core.errors import ConfigError
 from vizkit.methods.adversarial.budget import perturbation_norms
 from vizkit.methods.adversarial.fgsm import FGSM
 from vizkit.methods.adversarial.pgd import PGD
-from vizkit.models import data_config
-from vizkit.pixels import PixelSpace
+from vizkit.core.models import data_config
+from vizkit.core.pixels import PixelSpace
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 PIXELS = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # no normalization: what torchattacks takes by default

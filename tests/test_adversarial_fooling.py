@@ -6,13 +6,13 @@ import pytest
 import torch
 from conftest import model_state
 from tiny_models import TinyReLUNet, pixel_batch, single_thread
-from vizkit.data import load_shapes
-from vizkit.errors import ConfigError
+from vizkit.core.data import load_shapes
+from vizkit.core.errors import ConfigError
 from vizkit.methods.adversarial.budget import perturbation_norms
 from vizkit.methods.adversarial.deepfool import DeepFool
-from vizkit.methods.adversarial.fooling_images import FoolingImages
-from vizkit.models import data_config
-from vizkit.pixels import PixelSpace
+from vizkit.methods.optimization.fooling_images import FoolingImages
+from vizkit.core.models import data_config
+from vizkit.core.pixels import PixelSpace
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "hexagon"]
 
@@ -83,7 +83,7 @@ def test_fooling_images_through_the_vizkit_command(vizkit_cli):
     run = vizkit_cli("method=fooling_images", "method.steps=40", "target=[class:star,class:cross]", "trainer.progress_bar=false")
     assert run.returncode == 0, run.stderr
     results = run.results
-    assert results["method"]["name"] == "fooling_images" and results["method"]["kind"] == "adversarial"
+    assert results["method"]["name"] == "fooling_images" and results["method"]["kind"] == "optimization"
     assert [image["name"] for image in results["images"]] == ["star", "cross"]
     assert min(image["metrics"]["probability"] for image in results["images"]) >= 0.99
     assert results["timings"]["steps"] == 40 and results["stopped"] is None

@@ -10,9 +10,9 @@ from torch import nn
 
 import vizkit
 from conftest import model_state
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.methods.base import AdversarialMethod, AttributionMethod, InspectionMethod, OptimizationMethod
-from vizkit.registry import discover
+from vizkit.methods.registry import discover
 
 QUICK = {  # fields that keep each call short; everything else is the method's default
     "integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2}, "rise": {"masks": 16},
@@ -30,7 +30,7 @@ def pixels(embedded_samples):
 
 def call(method, model, pixels):
     """The method's verb on the embedded model and two sample images; the result as tensors."""
-    space = vizkit.pixels.PixelSpace.for_model(model)
+    space = vizkit.core.pixels.PixelSpace.for_model(model)
     if isinstance(method, AttributionMethod):
         return [method.attribute(model, space.from_pixels(pixels))]
     if isinstance(method, AdversarialMethod) and not isinstance(method, OptimizationMethod) and method.name != "fooling_images":
@@ -74,7 +74,7 @@ def test_a_model_in_train_mode_is_used_in_eval_mode_and_given_back_as_it_was(emb
 ])
 @pytest.mark.parametrize("name", ["saliency", "pgd"])
 def test_bad_batches_are_refused(embedded, pixels, name, bad, message):
-    x = vizkit.pixels.PixelSpace.for_model(embedded).from_pixels(pixels)
+    x = vizkit.core.pixels.PixelSpace.for_model(embedded).from_pixels(pixels)
     method = vizkit.create_method(name, **QUICK.get(name, {}))
     with pytest.raises(ConfigError, match=f"{name}: {message}"):
         (method.attribute if name == "saliency" else method.attack)(embedded, bad(x))
@@ -87,7 +87,7 @@ def test_bad_batches_are_refused(embedded, pixels, name, bad, message):
     (torch.tensor([True, False]), "got the boolean True"),
 ])
 def test_class_targets_must_be_whole_numbers(embedded, pixels, target, message):
-    x = vizkit.pixels.PixelSpace.for_model(embedded).from_pixels(pixels)
+    x = vizkit.core.pixels.PixelSpace.for_model(embedded).from_pixels(pixels)
     with pytest.raises(ConfigError, match=message):
         vizkit.create_method("saliency").attribute(embedded, x, target)
     assert vizkit.create_method("saliency").attribute(embedded, x, 2.0).shape == (2, 1, 128, 128)  # a whole float is fine
@@ -125,7 +125,7 @@ def test_an_attack_on_a_plain_module_refuses_inputs_that_are_not_pixels():
 def test_an_attribution_on_a_plain_module_warns_once_about_inputs_that_are_not_pixels(monkeypatch):
     import warnings
 
-    from vizkit import validate
+    from vizkit.core import validate
 
     monkeypatch.setattr(validate, "_warned", set())  # once per process: earlier tests may have had theirs
     normalized = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -151,17 +151,17 @@ def test_too_many_images_at_once_run_in_chunks_or_are_refused_before_the_first_s
     single ``problem()`` are refused with the numbers."""
     import timm
 
-    from vizkit import memory
+    from vizkit.core import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 4 * 2**30)
     model = timm.create_model("resnet18", pretrained=False).eval()
-    labels = vizkit.models.class_names(model)
+    labels = vizkit.core.models.class_names(model)
     for name in ("class_model", "fooling_images"):
         method = vizkit.create_method(name, steps=1)
         chunks = method.problems(model)
         fitting = len(chunks[0].names)
         assert 1 < fitting < 1000 and all(len(chunk.names) <= fitting for chunk in chunks)
-        assert [name for chunk in chunks for name in chunk.names] == [vizkit.models.class_label(labels, i) for i in range(1000)]
+        assert [name for chunk in chunks for name in chunk.names] == [vizkit.core.models.class_label(labels, i) for i in range(1000)]
         with pytest.raises(ConfigError, match=rf"{name} would optimize 1000 images together, about \d+\.\d GiB \(\d+ MiB each\) "
                                               rf"with 4\.0 GiB free on cpu: about {fitting} fit; choose fewer"):
             method.problem(model)

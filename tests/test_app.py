@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import hparams_in, images_in
 
-from vizkit.models import embedded_card
+from vizkit.core.models import embedded_card
 
 
 def test_default_run_explains_the_embedded_samples(vizkit_cli):
@@ -65,6 +65,11 @@ def test_help_lists_every_method_with_kind_and_description(vizkit_cli):
     for name in ("occlusion", "saliency", "guided_backprop", "deconvnet", "rise"):
         line = next(line for line in run.stdout.splitlines() if line.strip().startswith(name + " "))
         assert "[attribution]" in line and len(line.split("]", 1)[1].strip()) > 10
+    fooling = next(line for line in run.stdout.splitlines() if line.strip().startswith("fooling_images "))
+    assert "[optimization]" in fooling  # listed as the kind it runs as: its base class is an optimization's
+    section = run.stdout.split("== Methods", 1)[1].split("== Metrics", 1)[0].splitlines()[1:]
+    listed = [line.split("[")[1].split("]")[0] for line in section if " [" in line]
+    assert listed == sorted(listed, key=["attribution", "optimization", "adversarial", "inspection"].index)  # grouped by kind
 
 
 def test_cfg_job_shows_method_fields_and_defaults(vizkit_cli):

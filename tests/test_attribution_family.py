@@ -12,8 +12,8 @@ from torch import nn
 import vizkit
 from conftest import write_image
 from tiny_models import normalized_batch, single_thread, timm_model
-from vizkit.errors import ConfigError
-from vizkit.methods.attribution.gradcam import default_layer
+from vizkit.core.errors import ConfigError
+from vizkit.core.models import default_layer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,16 +34,16 @@ def x(resnet):
 
 @pytest.fixture(scope="module")
 def embedded():
-    from vizkit.models import load_model
+    from vizkit.core.models import load_model
 
     return load_model("embedded")
 
 
 @pytest.fixture(scope="module")
 def shapes(embedded):
-    from vizkit.data import load_shapes
-    from vizkit.models import data_config
-    from vizkit.pixels import PixelSpace
+    from vizkit.core.data import load_shapes
+    from vizkit.core.models import data_config
+    from vizkit.core.pixels import PixelSpace
 
     samples = load_shapes(16, "test", 0, data_config(embedded))
     return PixelSpace.for_model(embedded).from_pixels(torch.stack([s.pixels for s in samples]))
@@ -242,12 +242,12 @@ def test_batch_size_does_not_change_integrated_gradients(resnet, x):
 def test_a_baseline_shared_by_all_inputs_is_run_once(resnet, x, baseline, target, baseline_rows):
     """Completeness needs S(x'): gray and black are one image for every input, so one forward row, and
     the error equals the one computed with a forward per input."""
-    from vizkit.pixels import PixelSpace
-    from vizkit.targets import parse_target, resolve_spec
+    from vizkit.core.pixels import PixelSpace
+    from vizkit.core.targets import parse_target, resolve_spec
 
     if target == "channel":
         target = resolve_spec(parse_target("channel:layer2:0"), resnet, x.shape[0])
-        from vizkit.hooks import check_called_once
+        from vizkit.core.hooks import check_called_once
 
         check_called_once(resnet, x, target.module, "layer2")  # the once-per-process probe of the layer, not counted here
     rows: list[int] = []
@@ -269,7 +269,7 @@ def test_a_baseline_shared_by_all_inputs_is_run_once(resnet, x, baseline, target
 
 
 def test_an_input_equal_to_its_baseline_gets_no_attribution(resnet):
-    from vizkit.pixels import PixelSpace
+    from vizkit.core.pixels import PixelSpace
 
     gray = PixelSpace.for_model(resnet).from_pixels(torch.full((1, 3, 32, 32), 0.5))
     assert vizkit.create_method("integrated_gradients", baseline="gray", steps=4).attribute(resnet, gray, 0).abs().max() == 0

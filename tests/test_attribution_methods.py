@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import vizkit
 from tiny_models import RegionModel, assert_maps_close, normalized_batch, pixel_batch, single_thread, tiny_relu_net, timm_model
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.methods.attribution.occlusion import window_starts
-from vizkit.models import find_layer
+from vizkit.core.models import find_layer
 
 METHODS = ("saliency", "guided_backprop", "deconvnet", "occlusion")
 GRADIENT_METHODS = ("saliency", "guided_backprop", "deconvnet")
@@ -213,8 +213,12 @@ def test_fill_uses_the_models_own_normalization():
     x = constant_image(0.3, cfg["mean"], cfg["std"], size=32)
     occlusion = lambda fill: vizkit.create_method("occlusion", window=16, stride=16, fill=fill).attribute(model, x, [1, 2])
     other = occlusion(0.9)
-    assert other.abs().max() > 1e-5
-    assert occlusion(0.3).abs().max() <= 1e-6 * other.abs().max()
+    assert other.abs().max() > 1e-3
+    # filling with the image's own value changes the input only by the rounding of two float32
+    # normalizations of 0.3 (one ulp apart at most), so each map value is a difference of two
+    # probabilities ≤ 1 that agree to a few float32 ulps: 8·eps bounds it (measured: 0 on one CPU,
+    # exactly eps on another), 1e4× below the effect of a real fill
+    assert occlusion(0.3).abs().max() <= 8 * torch.finfo(torch.float32).eps
 
 
 def test_batch_size_does_not_change_the_map(tiny):

@@ -44,7 +44,7 @@ def test_class_index_out_of_range(vizkit_cli):
 
 
 def test_unknown_class_name_lists_close_names(vizkit_cli):
-    from vizkit.models import embedded_card
+    from vizkit.core.models import embedded_card
 
     name = embedded_card()["classes"][0]
     run = vizkit_cli(f"target=class:{name[:-1] + name[-1] * 2}")
@@ -124,8 +124,8 @@ def test_pretrained_without_a_network_fails_fast(vizkit_cli, tmp_path):
     ("trainer.precision=17", "trainer.precision must be one of"),
 ])
 def test_top_level_and_trainer_settings_are_checked(compose, tmp_path, override, message):
-    from vizkit.errors import ConfigError
-    from vizkit.runner import run
+    from vizkit.core.errors import ConfigError
+    from vizkit.cli.app import run
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         run(compose(override), tmp_path / "run")
@@ -147,8 +147,8 @@ def test_a_file_name_with_an_interpolation_is_explained(vizkit_cli, tmp_path):
 
 
 def test_listed_channels_a_layer_lacks_are_refused_at_the_first_batch(compose, tmp_path):
-    from vizkit.errors import ConfigError
-    from vizkit.runner import run
+    from vizkit.core.errors import ConfigError
+    from vizkit.cli.app import run
 
     with pytest.raises(ConfigError, match=r"channel 999 is out of range: layer 'default' has \d+ channels"):
         run(compose("method=top_patches", "method.channels=[0,999]", "data=shapes", "data.count=64", "data.batch_size=4"), tmp_path / "run")

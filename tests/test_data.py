@@ -7,8 +7,8 @@ import torch
 from conftest import write_image
 from PIL import Image
 
-from vizkit import data
-from vizkit.errors import ConfigError, VizkitError
+from vizkit.core import data
+from vizkit.core.errors import ConfigError, VizkitError
 
 CONFIG = {"input_size": (3, 48, 48), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "center"}
 

@@ -30,9 +30,9 @@ import torch
 
 import vizkit
 from tiny_models import assert_maps_close, captum_copy, normalized_batch, single_thread, timm_model
-from vizkit.baselines import pixel_baseline
-from vizkit.models import find_layer
-from vizkit.pixels import PixelSpace
+from vizkit.probes.baselines import pixel_baseline
+from vizkit.core.models import find_layer
+from vizkit.core.pixels import PixelSpace
 
 captum_attr = pytest.importorskip("captum.attr")
 

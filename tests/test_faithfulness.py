@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import hparams_in, read_events
 
-from vizkit.errors import ConfigError
-from vizkit.registry import names_of_kind
-from vizkit.runner import run
+from vizkit.core.errors import ConfigError
+from vizkit.methods.registry import names_of_kind
+from vizkit.cli.app import run
 
 FAST_CURVES = ["metrics.deletion.steps=8", "metrics.insertion.steps=8"]
 

@@ -5,8 +5,8 @@ method, so the streaming path is covered before any built-in method needs it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -16,8 +16,8 @@ import torch
 from conftest import hparams_in, images_in, model_state, read_events
 
 import vizkit
-from vizkit import render
-from vizkit.errors import ConfigError
+from vizkit.core import pictures as render
+from vizkit.core.errors import ConfigError
 from vizkit.methods.base import Inspection, InspectionMethod
 
 GAP = 4  # render.grid's white gap between kernels
@@ -188,12 +188,13 @@ MEAN_PIXEL_RTOL = 10 * 6e-8 + (3 * 128 * 128) ** 0.5 * 6e-8  # see the two mean_
 
 
 def test_scan_streams_the_data_set_through_the_trainer(compose, tmp_path, embedded):
-    from vizkit.data import load_samples
-    from vizkit.inspection import run_inspection
-    from vizkit.models import data_config
+    from vizkit.cli.configs import run_settings
+    from vizkit.core.data import load_samples
+    from vizkit.core.models import data_config
+    from vizkit.run.execute import execute
 
     cfg = compose("data=shapes", "data.count=10", "data.batch_size=4", "trainer.accelerator=cpu")
-    results = run_inspection(cfg, tmp_path, MeanImage(), copy.deepcopy(embedded), time.perf_counter())
+    results = execute(dataclasses.replace(run_settings(cfg), method=MeanImage()), tmp_path)
     pixels = torch.stack([s.pixels for s in load_samples(cfg.data, data_config(embedded))])
     assert results["scanned"] == 10 and results["target"] is None and results["method"]["kind"] == "inspection"
     assert results["records"] == [{"indices": list(range(10))}]  # every input once, batches of 4, 4, 2
@@ -209,11 +210,12 @@ def test_scan_streams_the_data_set_through_the_trainer(compose, tmp_path, embedd
 
 
 def test_scan_refuses_a_target_before_any_work(compose, tmp_path, embedded):
-    from vizkit.inspection import run_inspection
+    from vizkit.cli.configs import run_settings
+    from vizkit.run.execute import execute
 
     cfg = compose("data=shapes", "data.count=2", "target=class:star")
     with pytest.raises(ConfigError, match="mean_image takes no target"):
-        run_inspection(cfg, tmp_path, MeanImage(), embedded, time.perf_counter())
+        execute(dataclasses.replace(run_settings(cfg), method=MeanImage()), tmp_path)
     assert not list(tmp_path.iterdir())
 
 
@@ -227,7 +229,7 @@ def test_python_inspect_batches_the_images_and_needs_them(embedded_samples, embe
 
 
 def test_rank_states_merge_through_files_on_rank_zero(tmp_path):
-    from vizkit.runner import collect_on_rank_zero
+    from vizkit.run.trainer import collect_on_rank_zero
 
     def merge_ranks(trainer, method, state, run_dir):  # what a streamed scan does with its states
         states = collect_on_rank_zero(trainer, state, run_dir, "inspect", map_location=trainer.strategy.root_device)

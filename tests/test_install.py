@@ -46,7 +46,7 @@ def test_the_wheel_holds_every_config_asset_and_module(wheel):
     assert assets - names == set(), "assets missing from the wheel"
     assert modules - names == set(), "modules missing from the wheel: add their packages to [tool.setuptools] packages"
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
-    assert "vizkit = vizkit.app:main" in entry_points and "saliency = vizkit.methods.attribution.saliency:Saliency" in entry_points
+    assert "vizkit = vizkit.cli.app:main" in entry_points and "saliency = vizkit.methods.attribution.saliency:Saliency" in entry_points
 
 
 def test_the_installed_wheel_runs_the_default_job_outside_the_checkout(wheel, tmp_path):
@@ -56,7 +56,7 @@ def test_the_installed_wheel_runs_the_default_job_outside_the_checkout(wheel, tm
                                capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    where = subprocess.run([sys.executable, "-c", "import vizkit.app as app; print(app.__file__); print(app.CONF_DIR)"],
+    where = subprocess.run([sys.executable, "-c", "import vizkit.cli.app as app; print(app.__file__); print(app.CONF_DIR)"],
                            cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
     module, conf = where.stdout.split()
     assert Path(module).is_relative_to(target) and Path(conf) == target / "vizkit" / "conf"  # the installed copy, not the checkout

@@ -9,8 +9,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vizkit.errors import ConfigError, VizkitError
-from vizkit.models import EMBEDDED_DIR, class_names, data_config, embedded_card, find_layer, load_model
+from vizkit.core.errors import ConfigError, VizkitError
+from vizkit.core.models import EMBEDDED_DIR, class_names, data_config, embedded_card, find_layer, load_model
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_embedded_model_card_and_checkpoint():
     card = embedded_card()
     assert card["held_out_accuracy"] >= 0.97
     assert (EMBEDDED_DIR / "model.safetensors").stat().st_size <= 8_000_000
-    assert card["train_command"].startswith("vizkit-train-embedded")
+    assert card["train_command"].startswith("python tools/embedded_training.py")
     model = load_model("embedded")
     assert class_names(model) == card["classes"]
     config = data_config(model)
@@ -96,7 +96,7 @@ def test_embedded_model_card_and_checkpoint():
 
 
 def test_embedded_model_is_accurate_on_held_out_shapes():
-    from vizkit.data import load_shapes
+    from vizkit.core.data import load_shapes
 
     model = load_model("embedded")
     config = data_config(model)

@@ -10,8 +10,8 @@ import torch
 import vizkit
 from conftest import hparams_in, images_in, model_state
 from tiny_models import single_thread
-from vizkit.errors import ConfigError
-from vizkit.hooks import layer_outputs
+from vizkit.core.errors import ConfigError
+from vizkit.core.hooks import layer_outputs
 from vizkit.optimize.objectives import Objective, diversity, parse_terms
 from vizkit.optimize.regularizers import YosinskiConfig, alpha_norm, l2, total_variation, yosinski_step
 
@@ -193,7 +193,7 @@ def test_the_lightning_fit_and_the_plain_loop_agree(compose, tmp_path, embedded)
     checked), the same Problem, make_optimizer and loss.backward: the same ops in the same order on
     whatever CPU, so the losses and the objective agree bit for bit (measured). A tolerance here could
     not be derived: after Adam steps a rounding difference is not bounded by the reductions' error."""
-    from vizkit.runner import run
+    from vizkit.cli.app import run
 
     results = run(compose("method=feature_viz", "method.steps=6", "method.size=48", "target=channel:layer3:5"), tmp_path / "run")
     plain = vizkit.create_method("feature_viz", steps=6, size=48).optimize(embedded, "channel:layer3:5")

@@ -9,9 +9,9 @@ from conftest import images_in
 from tiny_models import rounding, single_thread
 
 import vizkit
-from vizkit.errors import ConfigError
-from vizkit.hooks import layer_outputs
-from vizkit.models import find_layer
+from vizkit.core.errors import ConfigError
+from vizkit.core.hooks import layer_outputs
+from vizkit.core.models import find_layer
 from vizkit.optimize.loop import frozen
 
 
@@ -81,7 +81,7 @@ def test_inversion_batches_inputs_by_layers_with_one_forward_per_step(model, sam
         handle.remove()
     # input-major: row b * L + l is input b from layer l (the grid's rows are inputs when L columns fit)
     assert result.names == ["input0@conv1.2", "input0@layer1", "input1@conv1.2", "input1@layer1"]
-    # Φ0 once, one image to size the batch's memory (vizkit.memory), one forward of the whole batch per
+    # Φ0 once, one image to size the batch's memory (vizkit.core.memory), one forward of the whole batch per
     # Adam step, one to measure
     assert forwards == [2] + [1] + [4] * 3 + [4]
     errors = result.metrics["relative_error"]

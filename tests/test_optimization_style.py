@@ -7,7 +7,7 @@ import torch
 
 from conftest import images_in, model_state, write_image
 from tiny_models import single_thread
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.methods.optimization.neural_style import CONTENT_ERROR_BOUND, NeuralStyle, gram, load_style
 from vizkit.optimize.regularizers import total_variation
 

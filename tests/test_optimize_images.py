@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.optimize.parameterization import FourierImage, PixelImage, make_image
 from vizkit.optimize.transforms import STANDARD, Transforms
 

@@ -20,10 +20,10 @@ from torch import nn
 import vizkit
 from conftest import model_state
 from tiny_models import single_thread, timm_model, tiny_relu_net
-from vizkit.errors import ConfigError
-from vizkit.hooks import layer_output
-from vizkit.models import find_layer
-from vizkit.receptive_field import ReceptiveField, crop, receptive_field
+from vizkit.core.errors import ConfigError
+from vizkit.core.hooks import layer_output
+from vizkit.core.models import find_layer
+from vizkit.probes.receptive_field import ReceptiveField, crop, receptive_field
 
 ACTIVATIONS = {"ReLU", "ReLU6", "SiLU", "Swish", "GELU", "GELUTanh", "Hardswish", "HardSwish", "LeakyReLU"}
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import vizkit
-from vizkit import registry
-from vizkit.errors import ConfigError
+from vizkit.methods import registry
+from vizkit.core.errors import ConfigError
 
 VIZKIT = Path(sys.executable).parent / "vizkit"
 
@@ -102,3 +102,19 @@ def test_config_node_carries_the_method_name_and_its_fields():
     assert fields["_name_"] == "occlusion" and fields["window"] == 16
     method = registry.method_from_config({"_name_": "occlusion", "window": 8, "stride": 4})
     assert (method.config.window, method.config.stride) == (8, 4)
+
+
+def test_a_method_of_no_kinds_base_is_reported_and_skipped(tmp_path, monkeypatch, capsys):
+    """The kind comes from the base class: a class that subclasses Method but none of the four kinds'
+    bases has no way to run, and is said so by name instead of failing later."""
+    source = "from vizkit.methods.base import Method\nclass Kindless(Method):\n    name = 'kindless'\n    description = 'no kind'\n"
+    make_distribution(tmp_path, "vizkit-kindless", {"kindless": "kindless_plugin:Kindless"}, {"kindless_plugin": source})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.discover.cache_clear()
+    try:
+        found = registry.discover()
+    finally:
+        monkeypatch.undo()
+        registry.discover.cache_clear()
+    assert "kindless" not in found and "saliency" in found
+    assert "skipping method plugin 'kindless' from vizkit-kindless 1.0: it subclasses none of the kinds' bases" in capsys.readouterr().err

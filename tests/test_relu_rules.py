@@ -20,7 +20,7 @@ from tiny_models import (
     tiny_relu_net,
     timm_model,
 )
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*did not already require gradients.*:UserWarning"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import VIZKIT
-from vizkit.run_dirs import MARKER, RunDirError, claim
+from vizkit.cli.run_dirs import MARKER, RunDirError, claim
 
 
 def files_of(folder: Path) -> dict[Path, tuple[bytes, int]]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import images_in, write_image
 
-from vizkit.errors import ConfigError
-from vizkit.models import embedded_card
-from vizkit.runner import run
+from vizkit.core.errors import ConfigError
+from vizkit.core.models import embedded_card
+from vizkit.cli.app import run
 
 
 def test_class_name_target_on_the_embedded_model(compose, tmp_path):
@@ -52,8 +52,8 @@ def test_any_timm_model_on_user_images(compose, tmp_path):
 def test_attribution_maps_of_the_embedded_model_point_at_the_object(compose, tmp_path):
     """Sanity of the whole chain (data, normalization, model, method): occlusion's strongest drop lies on
     the object for most held-out images."""
-    from vizkit.data import load_shapes
-    from vizkit.models import data_config, load_model
+    from vizkit.core.data import load_shapes
+    from vizkit.core.models import data_config, load_model
 
     run(compose("data=shapes", "data.count=12", "method=occlusion", "method.window=24", "method.stride=8", "method.score=logit"), tmp_path)
     samples = {s.name: s for s in load_shapes(12, "test", 0, data_config(load_model("embedded")))}
@@ -65,12 +65,29 @@ def test_attribution_maps_of_the_embedded_model_point_at_the_object(compose, tmp
     assert hits >= 9, f"occlusion peak on the object in {hits}/12 images"
 
 
-def test_a_method_of_a_kind_the_runner_cannot_run_yet_is_refused(compose, tmp_path, monkeypatch):
-    from vizkit.methods.attribution.saliency import Saliency
+def test_the_kind_comes_from_the_base_class_and_picks_the_run_family(compose, tmp_path):
+    """A class cannot declare one kind and run as another; the run family is chosen by base class,
+    and a method of no kind's base is refused before any work."""
+    import dataclasses
 
-    monkeypatch.setattr(Saliency, "kind", "optimization")
-    with pytest.raises(ConfigError, match="kind 'optimization'"):
-        run(compose(), tmp_path)
+    from vizkit.cli.configs import run_settings
+    from vizkit.methods.base import AttributionMethod, Method, OptimizationMethod
+    from vizkit.methods.optimization.fooling_images import FoolingImages
+    from vizkit.run.attribution import AttributionRun
+    from vizkit.run.execute import execute, family_of
+    from vizkit.run.optimization import OptimizationRun
+
+    with pytest.raises(TypeError, match="declares kind='optimization' but subclasses AttributionMethod"):
+        type("Sneaky", (AttributionMethod,), {"kind": "optimization", "name": "sneaky", "description": ""})
+    assert FoolingImages.kind == "optimization" and issubclass(FoolingImages, OptimizationMethod)
+    assert family_of(FoolingImages) is OptimizationRun and family_of(AttributionMethod) is AttributionRun
+
+    class Kindless(Method):
+        name, description = "kindless", "no family"
+
+    with pytest.raises(ConfigError, match="Kindless subclasses none of the method bases"):
+        execute(dataclasses.replace(run_settings(compose()), method=Kindless()), tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_layers_command_lists_addressable_layers():

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vizkit.errors import ConfigError
-from vizkit.models import class_names, find_layer
-from vizkit.targets import TARGET_FORMS, TargetSpec, class_index, parse_target
+from vizkit.core.errors import ConfigError
+from vizkit.core.models import class_names, find_layer
+from vizkit.core.targets import TARGET_FORMS, TargetSpec, class_index, parse_target
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_class_name_without_names_asks_for_an_index():
 def test_class_name_resolves_through_a_target_string(resnet18):
     import torch
 
-    from vizkit.targets import resolve_target
+    from vizkit.core.targets import resolve_target
 
     target = resolve_target("class:tabby", resnet18, torch.zeros(2, 3, 8, 8))
     assert target.kind == "class" and target.indices.tolist() == [281, 281]

@@ -8,12 +8,12 @@ import torch
 from conftest import images_in, model_state
 
 from tiny_models import rounding, single_thread
-from vizkit.data import load_shapes
-from vizkit.errors import ConfigError
-from vizkit.hooks import layer_output
+from vizkit.core.data import load_shapes
+from vizkit.core.errors import ConfigError
+from vizkit.core.hooks import layer_output
 from vizkit.methods.inspection.top_patches import TopPatches
-from vizkit.models import data_config, find_layer
-from vizkit.pixels import PixelSpace
+from vizkit.core.models import data_config, find_layer
+from vizkit.core.pixels import PixelSpace
 
 
 @pytest.fixture(scope="module", autouse=True)

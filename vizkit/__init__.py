@@ -16,19 +16,19 @@ from typing import Any
 __version__ = "0.1.0"
 __all__ = ["create_method", "list_methods", "load_model", "VizkitError"]
 
-from vizkit.errors import VizkitError
-from vizkit.registry import create_method
+from vizkit.core.errors import VizkitError
+from vizkit.methods.registry import create_method
 
 
 def list_methods(kind: str | None = None) -> dict[str, str]:
     """Registered methods as ``{name: kind}``, optionally of one kind."""
-    from vizkit.registry import discover
+    from vizkit.methods.registry import discover
 
     return {name: entry.kind for name, entry in sorted(discover().items()) if kind in (None, entry.kind)}
 
 
 def load_model(name: str = "embedded", **kwargs: Any):
-    """See ``vizkit.models.load_model``."""
-    from vizkit.models import load_model as _load_model
+    """See ``vizkit.core.models.load_model``."""
+    from vizkit.core.models import load_model as _load_model
 
     return _load_model(name, **kwargs)

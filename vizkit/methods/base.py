@@ -1,9 +1,10 @@
 """The plugin contract: what a vizkit method is.
 
-A method is a class with four class attributes and one verb:
+A method is a class that subclasses one of the four kinds' bases below (its ``kind``:
+"attribution", "optimization", "adversarial" or "inspection", comes from that base and decides how a
+run executes it; a class cannot declare another) and has three class attributes:
 
     name: str         the name users type: ``vizkit method=<name>``, ``vizkit.create_method("<name>")``
-    kind: str         "attribution" | "optimization" | "adversarial" | "inspection"
     description: str  one line, shown by ``vizkit --help``
     Config: type      a ``@dataclass`` whose fields are the method's parameters, each with a default and
                       a type OmegaConf understands (int, float, bool, str, Optional, List, Enum, nested
@@ -55,7 +56,7 @@ What ``compute`` can rely on, and what it owes:
 * Gradients are enabled (the runner predicts inside ``torch.enable_grad()``); a method that needs none
   wraps its forwards in ``torch.no_grad()``. Under ``trainer.precision=bf16-mixed`` the runner's
   forward runs under autocast: accumulate in float32 and return float maps.
-* Never modify the model (hooks, flags, modes): use ``vizkit.hooks`` context managers.
+* Never modify the model (hooks, flags, modes): use ``vizkit.core.hooks`` context managers.
 * A method with randomness takes a ``seed`` field and draws from its own ``torch.Generator``; the
   global RNG is never touched, so a result does not depend on what ran before.
 * A method with many forward passes batches them itself (a ``batch_size`` field, as occlusion).
@@ -65,15 +66,15 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from vizkit.configured import Configured, NoConfig
-from vizkit.errors import ConfigError
+from vizkit.core.configured import Configured, NoConfig
+from vizkit.core.errors import ConfigError
 
 if TYPE_CHECKING:  # the contract module itself needs no torch
     import numpy as np
     import torch
 
-    from vizkit.pixels import PixelSpace
-    from vizkit.targets import Target
+    from vizkit.core.pixels import PixelSpace
+    from vizkit.core.targets import Target
 
 KINDS = ("attribution", "optimization", "adversarial", "inspection")
 
@@ -90,9 +91,20 @@ class Method(Configured):
     """Base of every method; see the module docstring for the contract."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]
+    kind: ClassVar[str]  # set by the kind's base class only
     description: ClassVar[str]
     Config: ClassVar[type] = NoConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        base = next((base for base in cls.__mro__[1:] if base in _KIND_BASES), None)
+        declared = cls.__dict__.get("kind")
+        if base is not None and declared is not None and declared != base.kind:
+            raise TypeError(f"{cls.__name__} declares kind={declared!r} but subclasses {base.__name__}, so it runs as "
+                            f"'{base.kind}': the kind comes from the base class (drop kind=, or subclass another base)")
+
+
+_KIND_BASES: list[type] = []  # AttributionMethod, OptimizationMethod, ...: the only classes that set ``kind``
 
 
 class AttributionMethod(Method):
@@ -120,7 +132,7 @@ class AttributionMethod(Method):
 
         ``target``: ``None`` (each input's predicted class), a class index, one index per input
         (sequence or tensor), a string such as ``"class:3"``, ``"class:tabby"``,
-        ``"channel:layer4:7"``, ``"neuron:layer3.1:5:2:2"``, or a resolved ``vizkit.targets`` object.
+        ``"channel:layer4:7"``, ``"neuron:layer3.1:5:2:2"``, or a resolved ``vizkit.core.targets`` object.
         ``mean``/``std``: how ``x`` was normalized from pixels in [0, 1]; by default taken from the
         model's timm data config, and if it has none ``x`` is taken as pixels already.
         Returns ``[B,1,H,W]`` float maps (``[B,C,H,W]`` where a method documents it), detached.
@@ -138,10 +150,10 @@ class AttributionMethod(Method):
         std: Any = None,
     ) -> Attribution:
         """``attribute``, plus the per-input ``details`` a method measured along the way."""
-        from vizkit.hooks import evaluating
-        from vizkit.pixels import PixelSpace
-        from vizkit.targets import resolve_target
-        from vizkit.validate import check_batch, warn_unnormalized
+        from vizkit.core.hooks import evaluating
+        from vizkit.core.pixels import PixelSpace
+        from vizkit.core.targets import resolve_target
+        from vizkit.core.validate import check_batch, warn_unnormalized
 
         check_batch(self.name, model, x)
         pixels = PixelSpace.for_model(model, mean=mean, std=std, device=x.device)
@@ -177,8 +189,8 @@ class OptimizationMethod(Method):
 
     Class attributes: ``target_kinds`` (the target kinds ``target=`` may name; empty: the method takes
     none), ``default_target`` (used when none is given, e.g. every class), ``needs_images`` (it starts
-    from input images: Deep Dream, inversion, style transfer). Such a method names its results
-    ``input{row}`` (or ``input{row}@WHAT``, several per input); a run shows the input's own name there.
+    from input images: Deep Dream, inversion, style transfer). Such a method names its results after
+    their inputs with ``Problem.from_inputs``; a run shows each input's own name there.
     """
 
     kind: ClassVar[str] = "optimization"
@@ -240,8 +252,8 @@ class OptimizationMethod(Method):
         for part_target, part_images in self.split(model, target, images, fitting // per_unit):
             problem = self._problem(model, part_target, part_images, mean, std)
             problem.memory_bytes = budget.per_image * len(problem.names)
-            if part_images is not None:  # results are named input{row}: rows of the whole batch
-                problem.names = [_renumbered(name, offset) for name in problem.names]
+            if problem.origins is not None:  # rows of the whole batch, not of the chunk
+                problem.from_inputs([(row + offset, part) for row, part in problem.origins])
                 offset += part_images.shape[0]
             problems.append(problem)
         return problems
@@ -253,9 +265,9 @@ class OptimizationMethod(Method):
         return [(target, images[start:start + size]) for start in range(0, images.shape[0], size)]
 
     def budget(self, model: "torch.nn.Module", problem):
-        """What one of `problem`'s images costs in memory and how many fit (``vizkit.memory``)."""
-        from vizkit.hooks import evaluating
-        from vizkit.memory import Budget
+        """What one of `problem`'s images costs in memory and how many fit (``vizkit.core.memory``)."""
+        from vizkit.core.hooks import evaluating
+        from vizkit.core.memory import Budget
 
         one = problem.pixels()[:1].detach()
         with evaluating(model):
@@ -265,7 +277,7 @@ class OptimizationMethod(Method):
     def _problem(self, model, target, images, mean, std):
         import torch
 
-        from vizkit.pixels import PixelSpace
+        from vizkit.core.pixels import PixelSpace
 
         device = next((p.device for p in model.parameters()), None)
         if isinstance(target, str) and target.strip().lower() == "predicted":
@@ -276,7 +288,7 @@ class OptimizationMethod(Method):
         if target is None and self.target_kinds:
             raise ConfigError(f"{self.name} needs a target: one of {', '.join(sorted(self.target_kinds))} (e.g. target=channel:LAYER:C)")
         if self.needs_images:
-            from vizkit.validate import check_pixels
+            from vizkit.core.validate import check_pixels
 
             if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
                 raise ConfigError(f"{self.name} starts from images: give a [B,3,H,W] batch of pixels in [0, 1]")
@@ -316,9 +328,9 @@ class AdversarialMethod(Method):
         """
         import torch
 
-        from vizkit.hooks import evaluating
-        from vizkit.pixels import PixelSpace
-        from vizkit.validate import check_batch, refuse_unnormalized
+        from vizkit.core.hooks import evaluating
+        from vizkit.core.pixels import PixelSpace
+        from vizkit.core.validate import check_batch, refuse_unnormalized
 
         check_batch(self.name, model, x)
         space = PixelSpace.for_model(model, mean=mean, std=std, device=x.device)
@@ -347,7 +359,7 @@ class AdversarialMethod(Method):
 
     def targets(self, model: "torch.nn.Module", x: "torch.Tensor", target: Any) -> "torch.Tensor | None":
         """[B] long target classes, or None for an untargeted attack."""
-        from vizkit.targets import ClassTarget, resolve_target
+        from vizkit.core.targets import ClassTarget, resolve_target
 
         if target is None or (isinstance(target, str) and target.strip().lower() == "predicted"):
             return None
@@ -407,10 +419,10 @@ class InspectionMethod(Method):
         ``mean``/``std``: the model's input normalization; by default from its timm data config."""
         import torch
 
-        from vizkit.pixels import PixelSpace
+        from vizkit.core.pixels import PixelSpace
 
-        from vizkit.hooks import evaluating
-        from vizkit.validate import check_pixels
+        from vizkit.core.hooks import evaluating
+        from vizkit.core.validate import check_pixels
 
         if images is None and self.needs_data:
             raise ConfigError(f"{self.name} scans images: give a [N,3,H,W] batch of pixels in [0, 1]")
@@ -471,9 +483,4 @@ class InspectionMethod(Method):
         raise NotImplementedError
 
 
-def _renumbered(name: str, offset: int) -> str:
-    """``input3@layer2`` of a chunk that starts at input `offset` -> ``input{3 + offset}@layer2``."""
-    import re
-
-    match = re.fullmatch(r"input(\d+)(.*)", name)
-    return f"input{int(match.group(1)) + offset}{match.group(2)}" if match else name
+_KIND_BASES.extend([AttributionMethod, OptimizationMethod, AdversarialMethod, InspectionMethod])

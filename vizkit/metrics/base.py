@@ -24,15 +24,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from vizkit.configured import Configured, NoConfig
-from vizkit.errors import ConfigError
+from vizkit.core.configured import Configured, NoConfig
+from vizkit.core.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
     from vizkit.methods.base import AttributionMethod
-    from vizkit.pixels import PixelSpace
-    from vizkit.targets import Target
+    from vizkit.core.pixels import PixelSpace
+    from vizkit.core.targets import Target
 
 
 @dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.metrics.base import Metric, MetricInputs, MetricResult, positive_int
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class InsertionConfig(PerturbationConfig):
 
 def substrate_pixels(pixels: "torch.Tensor", kind: str) -> "torch.Tensor":
     """The substrate for images ``pixels`` ([B,C,H,W] in [0, 1]), in pixels."""
-    from vizkit.baselines import pixel_baseline
+    from vizkit.probes.baselines import pixel_baseline
 
     if kind not in SUBSTRATES:
         raise ConfigError(f"unknown substrate {kind!r}; use one of {', '.join(SUBSTRATES)}")

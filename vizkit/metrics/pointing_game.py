@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.metrics.base import Metric, MetricInputs, MetricResult
 
 if TYPE_CHECKING:

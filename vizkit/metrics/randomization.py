@@ -29,7 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.metrics.base import Metric, MetricInputs, MetricResult
 
 if TYPE_CHECKING:
@@ -130,8 +130,8 @@ def comparable(maps: "torch.Tensor", absolute: bool) -> "torch.Tensor":
 def fixed_target(target: Any, model: "nn.Module") -> Any:
     """The target to explain on the randomized ``model``: the trained model's classes (not what the
     randomized model predicts), or the same layer target bound to the copy's module."""
-    from vizkit.models import find_layer
-    from vizkit.targets import ClassTarget
+    from vizkit.core.models import find_layer
+    from vizkit.core.targets import ClassTarget
 
     if target.kind == "class":
         return ClassTarget(target.indices)

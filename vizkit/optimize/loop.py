@@ -1,5 +1,5 @@
 """Running a ``Problem``: the frozen-model guard and the plain torch loop (Python users; the
-``vizkit`` command runs the same problem under Lightning, ``vizkit.optimize.lightning``)."""
+``vizkit`` command runs the same problem under Lightning, ``vizkit.run.fit``)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from vizkit.hooks import evaluating
+from vizkit.core.hooks import evaluating
 from vizkit.optimize.problem import Diverged, OptimizationConfig, Problem, closure_for, make_optimizer
 
 

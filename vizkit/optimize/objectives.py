@@ -1,7 +1,7 @@
 """What an optimized image should excite: the foundation's targets, weighted sums of them, diversity.
 
 An ``Objective`` is a list of (target, weight) terms evaluated from **one** forward: the layers the
-terms read are recorded on the way (``vizkit.hooks.layer_outputs``), and the forward stops after the
+terms read are recorded on the way (``vizkit.core.hooks.layer_outputs``), and the forward stops after the
 deepest one unless a class term needs the logits. Scores are per image, to be maximized:
 
     class:C                 the class logit (Simonyan et al. 2014 optimize the unnormalized score)
@@ -20,9 +20,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from vizkit.errors import ConfigError
-from vizkit.hooks import layer_outputs
-from vizkit.targets import ClassTarget, ChannelTarget, LayerTarget, NeuronTarget, Target, parse_target, resolve_spec
+from vizkit.core.errors import ConfigError
+from vizkit.core.hooks import layer_outputs
+from vizkit.core.targets import ClassTarget, ChannelTarget, LayerTarget, NeuronTarget, Target, parse_target, resolve_spec
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 
 KINDS = ("pixels", "fourier")
 

@@ -3,7 +3,7 @@
 A method builds a ``Problem`` (see ``OptimizationMethod.setup``): the frozen model, an image
 parameterization, and a ``loss(step)``. The same problem runs under a plain torch loop
 (``vizkit.optimize.loop.run_steps``, for Python users) or a Lightning ``fit``
-(``vizkit.optimize.lightning``, for the ``vizkit`` command): both build the optimizer with
+(``vizkit.run.fit``, for the ``vizkit`` command): both build the optimizer with
 ``make_optimizer``, call ``loss`` through ``closure`` (L-BFGS re-evaluates it), and ``after_step``
 once per step.
 """
@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vizkit.errors import ConfigError, VizkitError
+from vizkit.core.errors import ConfigError, VizkitError
 from vizkit.optimize.parameterization import ImageParameterization
-from vizkit.pixels import PixelSpace
+from vizkit.core.pixels import PixelSpace
 
 OPTIMIZERS = ("adam", "lbfgs", "sgd")
 
@@ -57,6 +57,9 @@ class Problem(nn.Module):
     ``grid_columns``: how a run lays a batch out in ``images/grid.png`` (None: about square)."""
 
     grid_columns: int | None = None
+    # for a method that starts from input images: each image's (input row, part), the part naming what
+    # of the input it shows beyond the input itself ("" for one image per input; inversion: the layer)
+    origins: list[tuple[int, str]] | None = None
 
     def __init__(self, model: nn.Module, image: ImageParameterization, pixels: PixelSpace, names: list[str]) -> None:
         super().__init__()
@@ -67,6 +70,15 @@ class Problem(nn.Module):
         self.names = list(names)
         self.register_buffer("mean", pixels.mean.float().reshape(1, -1, 1, 1).clone())
         self.register_buffer("std", pixels.std.float().reshape(1, -1, 1, 1).clone())
+
+    def from_inputs(self, origins: list[tuple[int, str]]) -> "Problem":
+        """Name the images after the inputs they start from: ``input{row}`` or ``input{row}@{part}``
+        (a run shows the input's own name in place of ``input{row}``)."""
+        if len(origins) != len(self.names):
+            raise ValueError(f"{len(origins)} origins for {len(self.names)} images")
+        self.origins = [(int(row), str(part)) for row, part in origins]
+        self.names = [f"input{row}" + (f"@{part}" if part else "") for row, part in self.origins]
+        return self
 
     def trainable(self) -> list[nn.Parameter]:
         return list(self.image.parameters())

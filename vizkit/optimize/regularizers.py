@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vizkit.baselines import gaussian_blur
-from vizkit.errors import ConfigError
+from vizkit.probes.baselines import gaussian_blur
+from vizkit.core.errors import ConfigError
 
 
 def l2(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from vizkit.errors import ConfigError, did_you_mean
+from vizkit.core.errors import ConfigError, did_you_mean
 
 FORMS = "pad:N, jitter:N, scale:F[,F...], rotate:DEGREES[,DEGREES...]"
 

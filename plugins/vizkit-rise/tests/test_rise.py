@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import vizkit
-from vizkit.errors import ConfigError
-from vizkit.registry import get
+from vizkit.core.errors import ConfigError
+from vizkit.methods.registry import get
 
 SIZE = 32
 

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.methods.base import AttributionMethod
-from vizkit.targets import ClassTarget
+from vizkit.core.targets import ClassTarget
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 
 NORMS = ("linf", "l2")
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.methods.base import AdversarialMethod
-from vizkit.pixels import PixelSpace
+from vizkit.core.pixels import PixelSpace
 
 BOUNDARY_MARGIN = 1e-4  # the authors' code: step just past the linearized boundary
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.methods.adversarial.budget import check_norm, pixel_amount
 from vizkit.methods.adversarial.fgsm import loss_gradient
 from vizkit.methods.base import AdversarialMethod

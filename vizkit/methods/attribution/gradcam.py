@@ -14,7 +14,7 @@ EfficientNet-B0). Stages whose output is channels-last (``[B,H,W,C]``) are recog
 One forward and one backward that stops at the layer: only the activation's gradient is requested,
 so no weight gradient is computed and no graph is retained (pytorch-grad-cam was measured at 2.5-2.7x
 that floor for doing both). The layer's true output is used even when an in-place op follows it
-(``vizkit.hooks.capture_output``).
+(``vizkit.core.hooks.capture_output``).
 
 The map is not normalized: it keeps the score's units, so maps of one run compare. It equals captum's
 ``LayerGradCam(relu_attributions=True)`` followed by ``LayerAttribution.interpolate(..., "bilinear")``,
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vizkit.errors import ConfigError
-from vizkit.hooks import capture_output
+from vizkit.core.errors import ConfigError
+from vizkit.core.hooks import capture_output
 from vizkit.methods.base import AttributionMethod
-from vizkit.models import find_layer
+from vizkit.core.models import default_layer, find_layer
 
 LAYOUTS = ("auto", "nchw", "nhwc")
 
@@ -44,15 +44,6 @@ class GradCamConfig:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got '{self.layout}'")
-
-
-def default_layer(model: torch.nn.Module) -> str:
-    """The last feature stage from timm's ``feature_info``, or an error that says how to choose one."""
-    info = getattr(model, "feature_info", None)
-    if isinstance(info, (list, tuple)) and info and isinstance(info[-1], dict) and info[-1].get("module"):
-        return str(info[-1]["module"])
-    raise ConfigError(f"{type(model).__name__} has no timm feature_info to find its last feature stage; "
-                      f"choose a layer with method.layer=NAME (vizkit-layers MODEL lists them)")
 
 
 def _stage_channels(model: torch.nn.Module, layer: str) -> int | None:

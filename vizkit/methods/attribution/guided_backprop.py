@@ -1,15 +1,15 @@
 """Guided backpropagation (Springenberg, Dosovitskiy, Brox & Riedmiller 2015, "Striving for Simplicity").
 
 The gradient of the target's score, except that each ReLU passes a gradient back only where both its
-forward input and the incoming gradient are positive (``vizkit.relu_rules``). Works with ReLU modules,
+forward input and the incoming gradient are positive (``vizkit.probes.relu_rules``). Works with ReLU modules,
 in-place ReLU modules and functional ReLUs; refuses models with other rectifiers rather than return a
 silently wrong map. With ``reduce=none`` the [B,3,H,W] result equals captum's ``GuidedBackprop``.
 """
 from __future__ import annotations
 
-from vizkit.gradients import ChannelReductionConfig, input_gradient, reduce_channels
+from vizkit.probes.gradients import ChannelReductionConfig, input_gradient, reduce_channels
 from vizkit.methods.base import AttributionMethod
-from vizkit.relu_rules import relu_rule
+from vizkit.probes.relu_rules import relu_rule
 
 
 class GuidedBackpropConfig(ChannelReductionConfig):

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vizkit.gradients import ChannelReductionConfig, input_gradient, reduce_channels
+from vizkit.probes.gradients import ChannelReductionConfig, input_gradient, reduce_channels
 from vizkit.methods.attribution.gradcam import GradCam, GradCamConfig
 from vizkit.methods.base import AttributionMethod
-from vizkit.relu_rules import relu_rule
+from vizkit.probes.relu_rules import relu_rule
 
 
 @dataclass

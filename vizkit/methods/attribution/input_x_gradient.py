@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vizkit.gradients import ChannelReductionConfig, input_gradient, reduce_channels
+from vizkit.probes.gradients import ChannelReductionConfig, input_gradient, reduce_channels
 from vizkit.methods.base import AttributionMethod
 
 

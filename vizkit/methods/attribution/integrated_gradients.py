@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vizkit.baselines import check_baseline, pixel_baseline
-from vizkit.errors import ConfigError
-from vizkit.gradients import ChannelReductionConfig, input_gradient, reduce_channels
+from vizkit.probes.baselines import check_baseline, pixel_baseline
+from vizkit.core.errors import ConfigError
+from vizkit.probes.gradients import ChannelReductionConfig, input_gradient, reduce_channels
 from vizkit.methods.base import Attribution, AttributionMethod
-from vizkit.targets import scores_on_one_input
+from vizkit.core.targets import scores_on_one_input
 
 RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 

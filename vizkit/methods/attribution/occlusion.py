@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.methods.base import AttributionMethod
 
 SCORES = ("probability", "logit")

@@ -7,7 +7,7 @@ or one neuron. Matches captum's ``Saliency(abs=True)`` followed by the max over 
 """
 from __future__ import annotations
 
-from vizkit.gradients import ChannelReductionConfig, input_gradient, reduce_channels
+from vizkit.probes.gradients import ChannelReductionConfig, input_gradient, reduce_channels
 from vizkit.methods.base import AttributionMethod
 
 

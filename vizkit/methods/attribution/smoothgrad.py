@@ -22,8 +22,8 @@ from typing import Any, Dict
 
 import torch
 
-from vizkit.errors import ConfigError
-from vizkit.gradients import CHANNEL_REDUCTIONS, reduce_channels
+from vizkit.core.errors import ConfigError
+from vizkit.probes.gradients import CHANNEL_REDUCTIONS, reduce_channels
 from vizkit.methods.base import AttributionMethod
 
 BASES = ("saliency", "guided_backprop", "integrated_gradients", "input_x_gradient")
@@ -62,7 +62,7 @@ class SmoothGrad(AttributionMethod):
 
     def __init__(self, config: Any = None, **fields: Any) -> None:
         super().__init__(config, **fields)
-        from vizkit.registry import create_method
+        from vizkit.methods.registry import create_method
 
         self.base = create_method(self.config.base, **dict(self.config.base_config), reduce="none")
         self.reduce = create_method(self.config.base).config.reduce if self.config.reduce == "auto" else self.config.reduce

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from vizkit import render
-from vizkit.errors import ConfigError, did_you_mean
+from vizkit.core import pictures as render
+from vizkit.core.errors import ConfigError, did_you_mean
 from vizkit.methods.base import Inspection, InspectionMethod
-from vizkit.models import find_layer
+from vizkit.core.models import find_layer
 
 NORMALIZATIONS = ("filter", "layer")
 

@@ -3,7 +3,7 @@
 What does a channel respond to across a data set? Stream the images, and for every channel of the
 layer keep, on the device, the ``k`` images whose strongest activation of that channel is highest
 (one patch per image and channel: its maximum over positions), with where that maximum was. At the end
-crop each one's exact receptive field (``vizkit.receptive_field``) from its source image.
+crop each one's exact receptive field (``vizkit.probes.receptive_field``) from its source image.
 
 * The state is small and exact to merge: per channel the top-k values and their (image, y, x). Several
   devices' states merge into the same answer as one device: candidates are ordered by value, ties by
@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from vizkit import render
-from vizkit.errors import ConfigError
-from vizkit.hooks import layer_output
+from vizkit.core import pictures as render
+from vizkit.core.errors import ConfigError
+from vizkit.core.hooks import layer_output
 from vizkit.methods.base import Inspection, InspectionMethod
-from vizkit.models import find_layer
+from vizkit.core.models import find_layer
 
 
 @dataclass
@@ -90,7 +90,7 @@ class TopPatches(InspectionMethod):
     def layer_name(self, model) -> str:
         if self.config.layer:
             return self.config.layer
-        from vizkit.methods.attribution.gradcam import default_layer
+        from vizkit.core.models import default_layer
 
         return default_layer(model)
 
@@ -137,7 +137,7 @@ class TopPatches(InspectionMethod):
         return list(argument)
 
     def finish(self, state, model, space, fetch) -> Inspection:
-        from vizkit.receptive_field import receptive_field
+        from vizkit.probes.receptive_field import receptive_field
 
         if state is None:
             raise ConfigError("top_patches saw no images")

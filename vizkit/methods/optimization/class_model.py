@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.methods.base import OptimizationMethod
-from vizkit.models import class_label, class_names, data_config, num_classes
+from vizkit.core.models import class_label, class_names, data_config, num_classes
 from vizkit.optimize.objectives import term_score
 from vizkit.optimize.parameterization import make_image
 from vizkit.optimize.problem import OptimizationConfig, Problem
 from vizkit.optimize.regularizers import YosinskiConfig, l2, yosinski_step
 from vizkit.optimize.transforms import Transforms
-from vizkit.targets import ClassTarget, class_index, parse_target
+from vizkit.core.targets import ClassTarget, class_index, parse_target
 
 
 @dataclass

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.methods.base import OptimizationMethod
 from vizkit.optimize.loop import frozen
 from vizkit.optimize.objectives import Objective, parse_terms
@@ -156,5 +156,4 @@ class DeepDream(OptimizationMethod):
         with torch.no_grad(), frozen(model):  # the baseline of activation_gain, in eval mode as the loop runs
             original_score = objective.evaluate(model, pixels.from_pixels(images))[0].float()
         image = make_image("pixels", batch, height, width, init=images, device=images.device)
-        names = [f"input{row}" for row in range(batch)]
-        return DeepDreamProblem(model, image, pixels, names, objective, original_score, config)
+        return DeepDreamProblem(model, image, pixels, [""] * batch, objective, original_score, config).from_inputs([(row, "") for row in range(batch)])

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vizkit.errors import ConfigError
+from vizkit.core.errors import ConfigError
 from vizkit.methods.base import OptimizationMethod
-from vizkit.models import find_layer
+from vizkit.core.models import find_layer
 from vizkit.optimize.objectives import Objective, diversity, parse_terms
 from vizkit.optimize.parameterization import KINDS, make_image
 from vizkit.optimize.problem import OptimizationConfig, Problem
 from vizkit.optimize.transforms import STANDARD, Transforms
-from vizkit.targets import ClassTarget
+from vizkit.core.targets import ClassTarget
 
 
 @dataclass

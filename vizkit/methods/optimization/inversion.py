@@ -23,7 +23,7 @@ seeded noise around mid-gray (the paper's random initialization) or from mid-gra
 
 Several layers invert in one batch of B × L images, input-major (row ``b * L + l`` is input b
 reconstructed from layer l, named ``input<b>@<layer>``): one forward per step records every layer
-(``vizkit.hooks.layer_outputs``, stopping after the deepest) and each row's loss reads its own layer.
+(``vizkit.core.hooks.layer_outputs``, stopping after the deepest) and each row's loss reads its own layer.
 A run's grid has ceil(sqrt(B·L)) columns: it reads input by row, layer by column when B is L or L − 1.
 ``measure()`` reports ``relative_error`` = ‖Φ(x) − Φ0‖ / ‖Φ0‖ per image.
 """
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vizkit.errors import ConfigError
-from vizkit.hooks import layer_outputs
+from vizkit.core.errors import ConfigError
+from vizkit.core.hooks import layer_outputs
 from vizkit.methods.base import OptimizationMethod
-from vizkit.models import find_layer
+from vizkit.core.models import find_layer
 from vizkit.optimize.loop import frozen
 from vizkit.optimize.parameterization import make_image
 from vizkit.optimize.problem import OptimizationConfig, Problem
@@ -141,8 +141,8 @@ class Inversion(OptimizationMethod):
         else:
             init = torch.full((batch * layer_count, 3, height, width), 0.5)
         image = make_image("pixels", batch * layer_count, height, width, init=init.to(images.device), device=images.device)
-        names = [f"input{row}@{name}" for row in range(batch) for name in modules]
-        problem = InversionProblem(model, image, pixels, names, modules, references, config)
+        origins = [(row, name) for row in range(batch) for name in modules]
+        problem = InversionProblem(model, image, pixels, [""] * len(origins), modules, references, config).from_inputs(origins)
         if layer_count > 1:  # images/grid.png: one row per input, its reconstructions from each layer side by side
             problem.grid_columns = layer_count
         return problem

@@ -62,10 +62,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vizkit.errors import ConfigError, did_you_mean
-from vizkit.hooks import layer_outputs
+from vizkit.core.errors import ConfigError, did_you_mean
+from vizkit.core.hooks import layer_outputs
 from vizkit.methods.base import OptimizationMethod
-from vizkit.models import find_layer
+from vizkit.core.models import find_layer
 from vizkit.optimize.loop import frozen
 from vizkit.optimize.parameterization import make_image
 from vizkit.optimize.problem import OptimizationConfig, Problem
@@ -125,7 +125,7 @@ def resolve_style(source: str) -> Path | tuple[str, int]:
         parts = text.split(":")
         if len(parts) != 3 or not parts[2].isdigit():
             raise ConfigError(f"style '{text}': write a shapes image as shapes:SPLIT:INDEX, e.g. shapes:train:7")
-        from vizkit.shapes import split_seed
+        from vizkit.core.shapes import split_seed
 
         try:
             split_seed(parts[1])
@@ -153,14 +153,14 @@ def resolve_style(source: str) -> Path | tuple[str, int]:
 
 def load_style(source: str, like: torch.Tensor) -> torch.Tensor:
     """The style image as pixels [1,3,H,W] in [0, 1], resized to `like`'s size."""
-    from vizkit.baselines import image_file
+    from vizkit.probes.baselines import image_file
 
     resolved = resolve_style(source)
     if isinstance(resolved, Path):
         return image_file(resolved, like[:1])[:1].clone()
     from PIL import Image
 
-    from vizkit.shapes import render_shape, split_seed
+    from vizkit.core.shapes import render_shape, split_seed
 
     split, index = resolved
     image = Image.fromarray(render_shape(index, seed=split_seed(split)).image)
@@ -267,5 +267,4 @@ class NeuralStyle(OptimizationMethod):
             init = torch.rand(images.shape, generator=generator).to(device)
         batch, _, height, width = images.shape
         image = make_image("pixels", batch, height, width, init=init, device=device)
-        names = [f"input{i}" for i in range(batch)]  # the runner puts the inputs' own names here
-        return NeuralStyleProblem(model, image, pixels, names, config, images, styles)
+        return NeuralStyleProblem(model, image, pixels, [""] * batch, config, images, styles).from_inputs([(row, "") for row in range(batch)])

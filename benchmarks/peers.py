@@ -1,0 +1,216 @@
+"""The peers every row is compared with, each behind a small adapter: captum (attribution),
+pytorch-grad-cam (Grad-CAM), torchattacks (FGSM, PGD) and lucent (feature visualization).
+
+Each adapter returns a callable doing the peer's work on the row's inputs, and the name the row
+records for it. What a peer needs that vizkit does not (PITFALLS.md, "Peers") is done here: captum's
+ReLU hooks get a copy with ``inplace=False`` ReLUs, pytorch-grad-cam runs on a copy and its hooks are
+released, lucent's leftover hooks and weight gradients are counted and cleared after every call.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from floors import hook_count, input_gradient_passes
+
+CHUNK_CANDIDATES = (8, 16, 32, 64)  # images per forward tried for a peer's batching knob
+
+Call = Callable[[torch.Tensor, torch.Tensor], Any]  # (x, target) -> the peer's result
+
+
+def chunk_candidates(batch: int, limit: int) -> list[int]:
+    """Images per forward to try for a peer's batching knob: 8..64, at least one batch, at most `limit`."""
+    return sorted({min(max(batch, images), limit) for images in CHUNK_CANDIDATES})
+
+
+def without_inplace_relus(model: nn.Module) -> nn.Module:
+    """A copy whose ReLU modules are not in-place: captum's ReLU hooks need that."""
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return copied
+
+
+# ------------------------------------------------------------------ captum
+
+
+def captum_gradient(name: str, model: nn.Module) -> tuple[Call, str]:
+    """captum's one-pass gradient method for a vizkit one: Saliency (abs, as vizkit's default),
+    InputXGradient, GuidedBackprop / Deconvolution (on a copy with inplace=False ReLUs)."""
+    from captum.attr import Deconvolution, GuidedBackprop, InputXGradient, Saliency
+
+    if name == "saliency":
+        peer, peer_name, peer_kwargs = Saliency(model), "captum.Saliency(abs=True)", {"abs": True}
+    elif name == "input_x_gradient":
+        peer, peer_name, peer_kwargs = InputXGradient(model), "captum.InputXGradient", {}
+    else:
+        captum_cls = GuidedBackprop if name == "guided_backprop" else Deconvolution
+        peer, peer_name, peer_kwargs = captum_cls(without_inplace_relus(model)), f"captum.{captum_cls.__name__}", {}
+    return lambda x, target: peer.attribute(x, target=target, **peer_kwargs), peer_name
+
+
+def captum_layer_gradcam(model: nn.Module) -> tuple[Call, str]:
+    """captum's LayerGradCam on layer4 with its ReLU, interpolated bilinearly to the input: vizkit's map."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    captum_cam = LayerGradCam(model, model.layer4)
+
+    def run(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        cam = captum_cam.attribute(x, target=target, relu_attributions=True)
+        return LayerAttribution.interpolate(cam, x.shape[-2:], "bilinear")
+
+    return run, "captum.LayerGradCam(layer4, relu)+interpolate(bilinear)"
+
+
+def captum_guided_gradcam(model: nn.Module) -> tuple[Call, str]:
+    """captum's GuidedGradCam on layer4, bilinear, on a copy with inplace=False ReLUs."""
+    from captum.attr import GuidedGradCam
+
+    copied = without_inplace_relus(model)
+    peer = GuidedGradCam(copied, copied.layer4)
+    return lambda x, target: peer.attribute(x, target=target, interpolate_mode="bilinear"), "captum.GuidedGradCam(layer4, bilinear)"
+
+
+def captum_integrated_gradients(model: nn.Module, baseline: torch.Tensor, rule: str) -> tuple[Callable[..., Any], str]:
+    """``run(x, target, n_steps, internal_batch_size, delta=False)``: captum's IntegratedGradients with
+    vizkit's baseline and quadrature rule; ``delta``: also its completeness gap (2 more forwards)."""
+    from captum.attr import IntegratedGradients
+
+    peer = IntegratedGradients(model)
+
+    def run(x: torch.Tensor, target: torch.Tensor, n_steps: int, internal_batch_size: int, delta: bool = False) -> Any:
+        extra = {"return_convergence_delta": True} if delta else {}
+        return peer.attribute(x, baselines=baseline, target=target, n_steps=n_steps, method=rule,
+                              internal_batch_size=internal_batch_size, **extra)
+
+    return run, f"captum.IntegratedGradients({rule})"
+
+
+def captum_smoothgrad(model: nn.Module) -> tuple[Callable[..., Any], str]:
+    """``run(x, target, samples, per_pass, stdev)``: captum's NoiseTunnel(Saliency), smoothgrad, abs=False
+    (vizkit's default base); ``per_pass``: its nt_samples_batch_size; one sigma for the whole input."""
+    from captum.attr import NoiseTunnel, Saliency
+
+    peer = NoiseTunnel(Saliency(model))
+
+    def run(x: torch.Tensor, target: torch.Tensor, samples: int, per_pass: int, stdev: float) -> Any:
+        return peer.attribute(x, nt_type="smoothgrad", nt_samples=samples, nt_samples_batch_size=per_pass,
+                              stdevs=stdev, target=target, abs=False)
+
+    return run, "captum.NoiseTunnel(Saliency, smoothgrad, abs=False)"
+
+
+def captum_occlusion(model: nn.Module, window: int, stride: int, fill: torch.Tensor, shape: torch.Size) -> tuple[Callable[..., Any], str]:
+    """``run(x, target, per_eval)``: captum's Occlusion on the softmax, square windows over all channels,
+    vizkit's fill as the baseline; ``per_eval``: its perturbations_per_eval."""
+    from captum.attr import Occlusion
+
+    _, channels, height, width = shape
+    peer = Occlusion(lambda t: model(t).softmax(1))
+    baseline = fill.expand(1, channels, height, width).contiguous()
+
+    def run(x: torch.Tensor, target: torch.Tensor, per_eval: int) -> Any:
+        return peer.attribute(x, target=target, sliding_window_shapes=(channels, window, window),
+                              strides=(channels, stride, stride), baselines=baseline, perturbations_per_eval=per_eval)
+
+    return run, "captum.Occlusion(softmax)"
+
+
+# ------------------------------------------------------------------ pytorch-grad-cam
+
+
+@contextlib.contextmanager
+def pytorch_grad_cam(model: nn.Module, target: torch.Tensor) -> Iterator[tuple[Callable[[torch.Tensor], Any], str]]:
+    """``run(x)``: pytorch-grad-cam's GradCAM on layer4 for ``target``'s classes, on a deep copy (its
+    hooks stay on the layer while the object lives and would slow the other calls); released on exit.
+    It also computes every weight gradient."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    copied = copy.deepcopy(model)
+    cam = GradCAM(model=copied, target_layers=[copied.layer4])
+    targets = [ClassifierOutputTarget(int(t)) for t in target]
+    try:
+        yield (lambda x: cam(input_tensor=x, targets=targets)), "pytorch_grad_cam.GradCAM([layer4])"
+    finally:
+        cam.activations_and_grads.release()
+
+
+# ------------------------------------------------------------------ torchattacks
+
+
+def torchattacks_attack(name: str, model: nn.Module, steps: int) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any], str]:
+    """torchattacks' FGSM or PGD (ε 8/255, step 2/255, random start) with the model's normalization set:
+    ``run(pixels, labels)`` on pixels in [0, 1]."""
+    import torchattacks
+
+    if name == "fgsm":
+        peer = torchattacks.FGSM(model, eps=8 / 255)
+    else:
+        peer = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=steps, random_start=True)
+    peer.set_normalization_used(mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"])
+    return peer, f"torchattacks.{type(peer).__name__}"
+
+
+# ------------------------------------------------------------------ lucent
+
+
+def lucent_fns(model: nn.Module, layer: str, channel: int, size: int, batch: int, steps: int,
+               extra: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """lucent's render_vis on ``layer``'s ``channel``, the same steps and size, Adam lr 0.05 and standard
+    transforms (its defaults), on deep copies (its ~93 forward hooks per call are counted, then removed,
+    so calls do not pile them up): "peer" as a user calls it (weights require grad: their gradients are
+    computed too), "peer2" with the copy frozen. lucent upsamples a 128-px image to 224 px before the
+    model (its transforms grow it to 152-168 px first) and runs the whole model; "peer_floor" is one
+    forward + backward of the whole model at 224 px, frozen, to the input: lucent's own floor
+    (``extra["peer_floor_passes"]`` of them per call). Warms lucent up; fills ``extra`` with what it saw."""
+    with warnings.catch_warnings():  # kornia 0.4.1 at import: torch.jit.script is deprecated
+        warnings.simplefilter("ignore")
+        from lucent.optvis import param, render
+
+    objective = f"{layer.replace('.', '_')}:{channel}"
+    user, still = copy.deepcopy(model), copy.deepcopy(model)
+    for parameter in user.parameters():
+        parameter.requires_grad_(True)
+    for parameter in still.parameters():
+        parameter.requires_grad_(False)
+    seen: dict[str, list[int]] = {"peer": [], "peer2": []}
+    grads: dict[str, bool] = {}
+
+    def run(net: nn.Module, key: str, n_steps: int = steps) -> None:
+        render.render_vis(net, objective, param_f=lambda: param.image(size, batch=batch, fft=True, decorrelate=True),
+                          thresholds=(n_steps,), show_image=False, progress=False)
+        seen[key].append(hook_count(net))
+        grads[key] = any(parameter.grad is not None for parameter in net.parameters())
+        for module in net.modules():  # remove what lucent left, and the weight gradients, so each call is a user's first
+            module._forward_hooks.clear()
+        for parameter in net.parameters():
+            parameter.grad = None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(user, "peer", 2)  # warm-up
+        run(still, "peer2", 2)
+    passes = min(steps, 8)
+    full = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(13))
+
+    def lucent_call(net: nn.Module, key: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run(net, key)
+
+    extra.update(peer_objective=objective, peer_forward_size=224,
+                 peer_hooks_after_call=seen["peer"], peer2_hooks_after_call=seen["peer2"],
+                 peer_weight_grads=grads, peer_floor_passes=passes,
+                 peer_note="lucent upsamples images under 224 px to 224 before the model and runs the whole model "
+                           "(vizkit's forward sees the sizes in forward_sizes and stops after the target layer); peer_floor_seconds: "
+                           "one forward + backward of the whole model at 224 px, frozen, to the input; hooks are counted "
+                           "after each call, then removed")
+    return {"peer": lambda: lucent_call(user, "peer"), "peer2": lambda: lucent_call(still, "peer2"),
+            "peer_floor": lambda: input_gradient_passes(model, model, [full] * passes)}

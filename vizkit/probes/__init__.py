@@ -1,0 +1,3 @@
+"""What methods measure a network with: input gradients, ReLU rules, baselines, receptive fields.
+
+Imports only ``vizkit.core``."""
