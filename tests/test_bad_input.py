@@ -186,3 +186,19 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_broken_archive(tmp_path):
     assert "vizkit: error: File too large" in completed.stderr and f"what was written before is kept in {run_dir}" in completed.stderr
     assert not (run_dir / "maps.npz").exists() and not (run_dir / "results.json").exists()  # nothing half-written under a real name
     assert json.loads((run_dir / ".vizkit-run").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data=shapes", "data.cont=3"], "data=shapes has no field 'cont'; closest: count; its fields: kind, batch_size, workers, pin_memory, split, start, count"),
+    (["data.count=3"], "data=samples has no field 'count'; its fields: kind, batch_size, workers, pin_memory, paths"),
+    (["model.nme=resnet18"], "model=embedded has no field 'nme'; closest: name"),
+    (["trainer=cpu", "trainer.devics=2"], "trainer=cpu has no field 'devics'; closest: devices"),
+])
+def test_a_typo_in_a_model_data_or_trainer_field_names_the_presets_fields(argv, message):
+    """The fields come from the dataclass the preset extends (its base_* schema), with the close match."""
+    from vizkit.cli.app import _check_group_fields
+    from vizkit.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _check_group_fields(argv)
+    _check_group_fields(["data=shapes", "data.count=3", "model.name=resnet18", "trainer.devices=1"])  # right fields pass

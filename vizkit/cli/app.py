@@ -158,11 +158,46 @@ def _check_metric_names(argv: list[str]) -> None:
                 get_metric(name.strip())
 
 
-def _default_method() -> str | None:
+def _default_choice(group: str) -> str | None:
     for entry in OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", []):
-        if isinstance(entry, DictConfig) and "method" in entry:
-            return str(entry["method"])
+        if isinstance(entry, DictConfig) and group in entry:
+            return str(entry[group])
     return None
+
+
+def _preset_fields(group: str, option: str) -> list[str] | None:
+    """The fields of the dataclass a preset of ``model``, ``data`` or ``trainer`` extends (its
+    ``base_*`` default), or None for a preset vizkit does not know (a user's own folder)."""
+    import dataclasses
+
+    from vizkit.core.data import DATA_KINDS
+    from vizkit.core.models import ModelConfig
+    from vizkit.run.settings import TrainerConfig
+
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    bases = [str(entry) for entry in OmegaConf.load(path).get("defaults", []) if str(entry).startswith("base_")]
+    schemas = {"base_model": ModelConfig, "base_trainer": TrainerConfig, **{f"base_{kind}": cls for kind, cls in DATA_KINDS.items()}}
+    return [field.name for field in dataclasses.fields(schemas[bases[0]])] if bases and bases[0] in schemas else None
+
+
+def _check_group_fields(argv: list[str]) -> None:
+    """``data.cont=3``, ``model.nme=...``: Hydra says only that the key is not in the schema; name the
+    fields of the chosen preset and the close match. Experiments (which may choose presets) are left
+    to Hydra."""
+    from vizkit.core.errors import ConfigError, did_you_mean
+
+    keys = [arg.partition("=")[0] for arg in argv]
+    if any(key.lstrip("+~").split(".")[0] == "experiment" for key in keys):
+        return
+    for group in ("model", "data", "trainer"):
+        chosen = next((arg.partition("=")[2] for arg in reversed(argv) if arg.partition("=")[0] == group), None) or _default_choice(group)
+        fields = _preset_fields(group, chosen) if chosen else None
+        for key in keys:
+            if fields is not None and key.startswith(f"{group}.") and key.split(".")[1] not in fields:
+                name = key.split(".")[1]
+                raise ConfigError(f"{group}={chosen} has no field '{name}'{did_you_mean(name, fields)}; its fields: {', '.join(fields)}")
 
 
 def _check_method_fields(argv: list[str]) -> None:
@@ -176,7 +211,7 @@ def _check_method_fields(argv: list[str]) -> None:
     keys = [arg.partition("=")[0] for arg in argv]
     if any(key.lstrip("+~").split(".")[0] == "experiment" for key in keys):
         return
-    chosen = next((arg.partition("=")[2] for arg in reversed(argv) if arg.partition("=")[0] == "method"), None) or _default_method()
+    chosen = next((arg.partition("=")[2] for arg in reversed(argv) if arg.partition("=")[0] == "method"), None) or _default_choice("method")
     entry = registry.discover().get(chosen or "")
     if entry is None:
         return
@@ -191,6 +226,7 @@ def _check_method_fields(argv: list[str]) -> None:
 def main() -> None:
     try:
         _check_method_fields(sys.argv[1:])
+        _check_group_fields(sys.argv[1:])
         _check_metric_names(sys.argv[1:])
         setup()
     except VizkitError as error:  # e.g. two plugins claiming one method name

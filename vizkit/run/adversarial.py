@@ -22,7 +22,7 @@ import torch
 
 from vizkit.core import pictures
 from vizkit.core.errors import ConfigError
-from vizkit.core.models import class_label, class_names, data_config
+from vizkit.core.models import class_label
 from vizkit.core.pixels import PixelSpace
 from vizkit.core.targets import parse_target, resolve_spec
 from vizkit.methods.adversarial.budget import perturbation_norms
@@ -67,7 +67,6 @@ class AdversarialRun(FamilyRun):
     def prepare(self) -> None:
         method = self.method
         model = self.load_model()
-        self.names = class_names(model)
         self.spec = parse_target(self.settings.target)
         self.target_class = None
         if self.spec.kind != "predicted":
@@ -77,7 +76,6 @@ class AdversarialRun(FamilyRun):
                 raise ConfigError(f"{method.name} is untargeted: it takes no target (drop target={self.spec})")
             self.target_class = int(resolve_spec(self.spec, model, 1).indices[0])
         self.clock.mark("loaded")
-        self.model_data = data_config(model)
         self.inputs = self.settings.data.open(self.model_data, self.names)
         self.clock.mark("read")
 

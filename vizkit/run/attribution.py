@@ -15,7 +15,7 @@ import torch
 
 from vizkit.core.data import Inputs
 from vizkit.core.errors import ConfigError
-from vizkit.core.models import class_label, class_names, data_config
+from vizkit.core.models import class_label
 from vizkit.core.pixels import PixelSpace
 from vizkit.core.targets import ClassTarget, PredictedClassTarget, TargetSpec, parse_target, resolve_spec
 from vizkit.methods.base import AttributionMethod
@@ -87,8 +87,6 @@ class AttributionRun(FamilyRun):
         if self.spec.kind != "predicted":
             resolve_spec(self.spec, model, 1, predicted=None)  # an unknown layer or class fails now, before any work
         method.check(model)
-        self.names = class_names(model)
-        self.model_data = data_config(model)
         self.clock.mark("loaded")
         self.inputs: Inputs = settings.data.open(self.model_data, self.names)
         self.clock.mark("read")

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vizkit.core.models import data_config
+from vizkit.core.models import class_names, data_config
 from vizkit.run.settings import RunSettings
 
 
@@ -73,12 +73,15 @@ class FamilyRun:
         self.run_dir = run_dir
         self.clock = clock
         self.model: torch.nn.Module | None = None
+        self.names: list[str] | None = None  # the model's class names (timm's: read once, ~20 ms for ImageNet's)
+        self.model_data: dict[str, Any] = {}  # the model's timm data config
         self.trainer: Any = None
         self.logger: Any = None
         self.writer: Any = None
 
     def load_model(self) -> torch.nn.Module:
         self.model = self.settings.model.load()
+        self.names, self.model_data = class_names(self.model), data_config(self.model)
         return self.model
 
     def prepare(self) -> None:
@@ -118,15 +121,12 @@ def end(run: FamilyRun, summary: Summary) -> dict[str, Any]:
 
 def header(run: FamilyRun, target: Any) -> dict[str, Any]:
     """The first entries of every results.json: the method and its config, the model, the target, the device."""
-    from vizkit.core.models import class_names
-
-    model, config = run.model, run.settings.model
-    names = class_names(model) if model is not None else None
+    config, names = run.settings.model, run.names
     return {
         "method": {"name": run.method.name, "kind": run.method.kind, "config": asdict(run.method.config)},
         "model": {"name": str(config.name), "pretrained": bool(config.pretrained), "checkpoint": config.checkpoint,
                   "num_classes": len(names) if names else None,
-                  "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config(model).items()} if model is not None else None},
+                  "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in run.model_data.items()} or None},
         "target": target,
         "device": str(run.trainer.strategy.root_device),
     }

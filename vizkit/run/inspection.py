@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from vizkit.core.errors import ConfigError
-from vizkit.core.models import class_names, data_config
 from vizkit.core.pixels import PixelSpace
 from vizkit.methods.base import InspectionMethod
 from vizkit.output.writer import RunWriter
@@ -60,9 +59,8 @@ class InspectionRun(FamilyRun):
                               f"(see `vizkit method={method.name} --cfg job`)")
         method.check(model)
         self.clock.mark("loaded")
-        model_data = data_config(model)
-        self.pixels = PixelSpace.from_stats(model_data["mean"], model_data["std"])
-        self.inputs = self.settings.data.open(model_data, class_names(model)) if method.needs_data else None
+        self.pixels = PixelSpace.from_stats(self.model_data["mean"], self.model_data["std"])
+        self.inputs = self.settings.data.open(self.model_data, self.names) if method.needs_data else None
         self.clock.mark("read")
 
     def execute(self) -> bool:

@@ -18,7 +18,6 @@ import torch
 from vizkit.core import interrupt, pictures
 from vizkit.core.data import Sample, unique_names
 from vizkit.core.errors import ConfigError, VizkitError
-from vizkit.core.models import data_config
 from vizkit.methods.base import OptimizationMethod
 from vizkit.optimize.loop import frozen, join_histories
 from vizkit.output.writer import RunWriter
@@ -44,7 +43,7 @@ class OptimizationRun(FamilyRun):
         self.clock.mark("loaded")
         images, samples = None, []
         if method.needs_images:
-            inputs = settings.data.open(data_config(model))
+            inputs = settings.data.open(self.model_data)
             if len(inputs) > MAX_START_IMAGES:  # checked before anything is decoded
                 raise ConfigError(f"{method.name} optimizes its starting images together, as one batch in memory; data= names {len(inputs)} "
                                   f"of them (at most {MAX_START_IMAGES}): choose fewer, e.g. data=shapes data.count=8 or data.paths=[...]")
