@@ -1,5 +1,6 @@
-"""Guided backprop and the deconvnet: one ReLU rule whichever way the ReLUs are written, equal to
-captum where captum applies, refusing other rectifiers, and leaving the user's model exactly as it was."""
+"""Guided backprop and the deconvnet: one rule whichever way the activations are written, equal to
+captum on ReLUs, equal to the written-out formula on every other activation with a rule, refusing
+activations without one (and every non-ReLU with relu_only), leaving the user's model exactly as it was."""
 from __future__ import annotations
 
 import pytest
@@ -214,12 +215,110 @@ def test_timm_model_left_untouched(method):
 
 @pytest.mark.parametrize("method", RULE_METHODS)
 @pytest.mark.parametrize("activation", list(OTHER_ACTIVATIONS), ids=list(OTHER_ACTIVATIONS))
-def test_other_activation_is_refused(method, activation, x):
+def test_relu_only_refuses_every_other_activation(method, activation, x):
+    """relu_only=true: the papers' rule, for ReLU networks only."""
     fn, name = OTHER_ACTIVATIONS[activation]
     model = OtherActivationNet(fn).eval()
-    with pytest.raises(ConfigError, match=name) as error:
-        vizkit.create_method(method).attribute(model, x, 0)
+    with pytest.raises(ConfigError, match=f"relu_only=true defines its backward rule for ReLU only, but this model also uses {name}") as error:
+        vizkit.create_method(method, relu_only=True).attribute(model, x, 0)
     assert method in str(error.value)
+    maps = vizkit.create_method(method).attribute(model, x, 0)  # by default the activation has its rule
+    assert torch.isfinite(maps).all() and maps.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", [*RULE_METHODS, "guided_gradcam"])
+@pytest.mark.parametrize("activation, name", [(nn.SELU(), "SELU"), (nn.Softplus(), "Softplus"), (nn.CELU(), "CELU"),
+                                              (nn.Hardtanh(), "Hardtanh"), (nn.PReLU(), "PReLU")],
+                         ids=["SELU", "Softplus", "CELU", "Hardtanh", "PReLU"])
+def test_an_activation_without_a_rule_is_refused_by_name(method, activation, name, x):
+    fields = {"layer": "conv2"} if method == "guided_gradcam" else {}
+    with pytest.raises(ConfigError, match=f"{method} has no backward rule for {name}, which this model uses"):
+        vizkit.create_method(method, **fields).attribute(OtherActivationNet(activation).eval(), x, 0)
+
+
+# ---------------------------------------------------------------- the rule on other activations, by hand
+
+def _derivative(name: str, z: torch.Tensor) -> torch.Tensor:
+    """Each activation's derivative written out (float64), independent of torch's autograd."""
+    sigmoid, phi = torch.sigmoid(z), torch.exp(-z * z / 2) / (2 * torch.pi) ** 0.5
+    if name == "GELU":
+        return 0.5 * (1 + torch.erf(z / 2 ** 0.5)) + z * phi
+    if name == "GELU-tanh":
+        inner = (2 / torch.pi) ** 0.5 * (z + 0.044715 * z ** 3)
+        return 0.5 * (1 + torch.tanh(inner)) + 0.5 * z * (1 - torch.tanh(inner) ** 2) * (2 / torch.pi) ** 0.5 * (1 + 3 * 0.044715 * z ** 2)
+    if name == "SiLU":
+        return sigmoid * (1 + z * (1 - sigmoid))
+    if name == "Hardswish":
+        return torch.where(z < -3, 0.0, torch.where(z > 3, 1.0, (2 * z + 3) / 6))
+    if name == "Mish":
+        softplus = F.softplus(z)
+        return torch.tanh(softplus) + z * (1 - torch.tanh(softplus) ** 2) * sigmoid
+    if name == "ELU":
+        return torch.where(z > 0, 1.0, 0.7 * torch.exp(z))
+    if name == "LeakyReLU":  # the slope as a float64 tensor: a Python float in torch.where would be float32's 0.1
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, 0.1))
+    if name == "ReLU6":
+        return ((z > 0) & (z < 6)).to(z.dtype)
+    raise KeyError(name)
+
+
+RULED = {
+    "GELU": (nn.GELU(), "GELU"), "GELU-tanh": (nn.GELU(approximate="tanh"), "GELU-tanh"), "GELU-functional": (F.gelu, "GELU"),
+    "SiLU": (nn.SiLU(), "SiLU"), "SiLU-inplace": (nn.SiLU(inplace=True), "SiLU"), "SiLU-functional": (F.silu, "SiLU"),
+    "Hardswish": (nn.Hardswish(), "Hardswish"), "Hardswish-inplace": (nn.Hardswish(inplace=True), "Hardswish"),
+    "Mish": (nn.Mish(), "Mish"), "ELU": (nn.ELU(0.7), "ELU"), "ELU-inplace": (nn.ELU(0.7, inplace=True), "ELU"),
+    "ELU_": (lambda t: F.elu_(t, 0.7), "ELU"), "LeakyReLU": (nn.LeakyReLU(0.1), "LeakyReLU"),
+    "LeakyReLU-inplace": (nn.LeakyReLU(0.1, inplace=True), "LeakyReLU"), "LeakyReLU_": (lambda t: F.leaky_relu_(t, 0.1), "LeakyReLU"),
+    "ReLU6": (nn.ReLU6(), "ReLU6"), "ReLU6-inplace": (nn.ReLU6(inplace=True), "ReLU6"), "ReLU6-functional": (F.relu6, "ReLU6"),
+    "hardtanh_-from-0": (lambda t: F.hardtanh_(t, 0.0, 6.0), "ReLU6"),
+}
+
+
+class ConvActivationLinear(nn.Module):
+    """One conv, one activation, one linear layer: the net whose ruled gradient is written out by hand."""
+
+    def __init__(self, activation) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 5, 3, padding=1).double()
+        with torch.no_grad():
+            self.conv.weight.mul_(4)  # pre-activations over [-6, 6]: every piece of every activation is used
+        self.activation = activation
+        self.fc = nn.Linear(5 * 6 * 6, 4).double()
+
+    def forward(self, x):
+        return self.fc(self.activation(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("rule_method", RULE_METHODS)
+@pytest.mark.parametrize("case", list(RULED), ids=list(RULED))
+def test_the_rule_equals_its_formula_on_every_activation(rule_method, case):
+    """guided: conv^T( f'(z) · relu(W_fc[c]) ); deconvnet: conv^T( relu(W_fc[c]) ), z = conv(x). Both in
+    float64, so the two computations agree to its rounding (the conv's 27-term sums: 1e-12 relative)."""
+    activation, name = RULED[case]
+    model = ConvActivationLinear(activation).eval()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = vizkit.create_method(rule_method, reduce="none").attribute(model, x, [1, 3])
+    z = model.conv(x).detach()
+    assert (z < -3).any() and (z > 6).any() and ((z > 0) & (z < 3)).any()
+    incoming = model.fc.weight[[1, 3]].detach().reshape(2, 5, 6, 6).clamp(min=0)
+    at_z = incoming * _derivative(name, z) if rule_method == "guided_backprop" else incoming
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(model.conv(leaf), leaf, at_z)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("method", [*RULE_METHODS, "guided_gradcam"])
+@pytest.mark.parametrize("name", ["test_convnext", "test_efficientnet", "test_nfnet", "test_byobnet"])
+def test_timm_families_with_other_activations_get_maps_and_stay_untouched(method, name):
+    """GELU (ConvNeXt), SiLU (EfficientNet), GELU/SiLU (NFNet), ...: finite, non-zero maps of the input's
+    size, and the model exactly as it was."""
+    model = timm_model(name)
+    x = pixel_batch(2, 64)
+    before, globals_before = snapshot(model), global_hook_counts()
+    maps = vizkit.create_method(method).attribute(model, x, [1, 2])
+    assert maps.shape == (2, 1, 64, 64) and torch.isfinite(maps).all() and maps.abs().sum() > 0
+    assert_untouched(model, before, globals_before)
 
 
 @pytest.mark.parametrize("method", RULE_METHODS)
@@ -236,8 +335,8 @@ def test_target_before_any_relu_is_refused(x):
 
 @pytest.mark.parametrize(
     "model_factory",
-    [lambda: OtherActivationNet(nn.GELU()), lambda: OtherActivationNet(F.silu), lambda: NoReLUNet()],
-    ids=["GELU-module", "SiLU-functional", "no-ReLU"],
+    [lambda: OtherActivationNet(nn.SELU()), lambda: OtherActivationNet(F.softplus), lambda: NoReLUNet()],
+    ids=["SELU-module", "Softplus-functional", "no-ReLU"],
 )
 def test_refused_model_is_untouched_and_still_usable(model_factory, x):
     model = model_factory().eval()

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from vizkit.probes.gradients import ChannelReductionConfig, input_gradient, reduce_channels
 from vizkit.methods.attribution.gradcam import GradCam, GradCamConfig
 from vizkit.methods.base import AttributionMethod
-from vizkit.probes.relu_rules import relu_rule
+from vizkit.probes.relu_rules import ActivationRuleConfig, relu_rule
 
 
 @dataclass
-class GuidedGradCamConfig(GradCamConfig, ChannelReductionConfig):
-    """guided_gradcam's fields: Grad-CAM's ``layer``/``layout``/``relu`` and ``reduce`` over colour channels."""
+class GuidedGradCamConfig(GradCamConfig, ChannelReductionConfig, ActivationRuleConfig):
+    """guided_gradcam's fields: Grad-CAM's ``layer``/``layout``/``relu``, ``reduce`` over colour channels and
+    ``relu_only`` (guided backprop's)."""
 
     def __post_init__(self) -> None:
         GradCamConfig.__post_init__(self)
@@ -42,6 +43,6 @@ class GuidedGradCam(AttributionMethod):
     def compute(self, model, x, target, pixels):
         config = self.config
         cam = self._gradcam().compute(model, x, target, pixels)
-        with relu_rule("guided", self.name):
+        with relu_rule("guided", self.name, config.relu_only):
             guided = input_gradient(model, x, target)
         return reduce_channels(guided * cam, config.reduce)
