@@ -81,7 +81,7 @@ def min_max(maps: torch.Tensor) -> torch.Tensor:
     return ((flat - low) / (high - low)).view_as(maps)
 
 
-def pytorch_grad_cam(model, layer: str, x: torch.Tensor, targets):
+def pytorch_grad_cam(model, layer: str, x: torch.Tensor, targets, reshape_transform=None):
     """pytorch-grad-cam's ``GradCAM`` as [B,1,H,W], the activation it stored, and the model copy it ran on.
 
     It runs on a deep copy (same in-place ReLUs): it calls ``backward()``, filling parameter ``.grad``,
@@ -90,7 +90,7 @@ def pytorch_grad_cam(model, layer: str, x: torch.Tensor, targets):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     clone = copy.deepcopy(model)
-    cam = pgc.GradCAM(clone, target_layers=[find_layer(clone, layer)])
+    cam = pgc.GradCAM(clone, target_layers=[find_layer(clone, layer)], reshape_transform=reshape_transform)
     try:
         maps = cam(x.clone(), targets=[ClassifierOutputTarget(c) for c in targets])
         (stored,) = cam.activations_and_grads.activations
@@ -373,3 +373,29 @@ def test_smoothgrad_noise_matters(resnet18):
     x = normalized_batch(resnet18, 1, 64, seed=5)
     maps = [vizkit_smoothgrad(samples=3, batch_size=4, seed=s, reduce="none").attribute(resnet18, x, TARGETS[:1]) for s in (SEED, SEED + 1)]
     assert (maps[0] - maps[1]).abs().max() > 0.05 * maps[0].abs().max()
+
+
+# ---------------------------------------------------------------- Grad-CAM on a vision transformer
+
+
+def vit_reshape_transform(tensor, height: int = 14, width: int = 14):
+    """pytorch-grad-cam's documented ViT recipe (its tutorial's ``reshape_transform``): drop the class
+    token, tokens to the 14x14 grid, channels first."""
+    result = tensor[:, 1:, :].reshape(tensor.size(0), height, width, tensor.size(2))
+    return result.transpose(2, 3).transpose(1, 2)
+
+
+@pytest.mark.parametrize("layer", ["", "blocks.6.norm1"])
+def test_gradcam_on_a_vit_equals_pytorch_grad_cam_with_its_reshape_transform(layer):
+    """vit_tiny_patch16_224, random weights: vizkit drops the prefix token and reshapes to the grid
+    itself (sizes from the model); the default layer is the last block's norm1, pytorch-grad-cam's
+    documented ViT layer. Compared after min-max, as for CNNs above (the same argument holds)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()  # no BatchNorm to redraw
+    x = normalized_batch(model, 2, 224, seed=4)
+    with single_thread():
+        expected, _, _ = pytorch_grad_cam(model, layer or "blocks.11.norm1", x, TARGETS, reshape_transform=vit_reshape_transform)
+        got = vizkit.create_method("gradcam", layer=layer).attribute(model, x, TARGETS)
+    assert_maps_close(min_max(got), expected)

@@ -238,9 +238,23 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     raise ConfigError(f"layer '{name}' not found in {type(model).__name__}{did_you_mean(name, names)}")
 
 
+def token_model(model: nn.Module) -> bool:
+    """Whether the model is a vision transformer that lays its features out as tokens ``[B, prefix + H*W, C]``
+    (timm's ViT, DeiT, EVA, BEiT: a ``patch_embed`` and ``num_prefix_tokens``)."""
+    return hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens") and hasattr(model, "blocks")
+
+
 def default_layer(model: nn.Module) -> str:
     """The last feature stage from timm's ``feature_info`` (where Grad-CAM looks and a channel scan
-    starts), or an error that says how to choose one."""
+    starts), or an error that says how to choose one.
+
+    A token model's is its last block's first norm (``blocks.11.norm1``), as pytorch-grad-cam's ViT
+    recipe: the class token alone reaches the head, so the last block's *output* patch tokens get no
+    gradient at all; at the last block's input norm the gradient still flows to every patch token
+    through that block's attention."""
+    blocks = getattr(model, "blocks", None)
+    if token_model(model) and isinstance(blocks, nn.Sequential) and len(blocks) and hasattr(blocks[-1], "norm1"):
+        return f"blocks.{len(blocks) - 1}.norm1"
     info = getattr(model, "feature_info", None)
     if isinstance(info, (list, tuple)) and info and isinstance(info[-1], dict) and info[-1].get("module"):
         return str(info[-1]["module"])

@@ -8,8 +8,16 @@ With A the activation of a convolutional layer (K channels) and S the target's s
 
 then upsampled bilinearly to the input's size. The layer defaults to the backbone's last feature stage
 (timm's ``feature_info``: ``layer4`` for ResNets, ``stages.3`` for ConvNeXt, ``blocks.6`` for
-EfficientNet-B0). Stages whose output is channels-last (``[B,H,W,C]``) are recognized from
-``feature_info``'s channel count, or with ``layout=nhwc``.
+EfficientNet-B0). Stages whose output is channels-last (``[B,H,W,C]``: Swin, MaxViT) are recognized
+from ``feature_info``'s channel count, or with ``layout=nhwc``.
+
+Vision transformers (ViT, DeiT, EVA, BEiT: ``layout=tokens``, recognized from a ``[B,N,C]`` output
+of a model with a ``patch_embed``) lay a layer out as ``[B, prefix + H*W, C]``: the class,
+distillation and register tokens (the model's ``num_prefix_tokens``) are dropped and the rest
+reshaped to the patch grid at the actual input's size (``patch_embed.dynamic_feat_size``, else its
+``grid_size``), never a fixed 14x14. Their default layer is the last block's first norm
+(``vizkit.core.models.default_layer`` says why). This is pytorch-grad-cam's ViT recipe (its
+``reshape_transform``), and the map equals its ``GradCAM`` there up to its min-max scaling.
 
 One forward and one backward that stops at the layer: only the activation's gradient is requested,
 so no weight gradient is computed and no graph is retained (pytorch-grad-cam was measured at 2.5-2.7x
@@ -30,15 +38,15 @@ import torch.nn.functional as F
 from vizkit.core.errors import ConfigError
 from vizkit.core.hooks import capture_output
 from vizkit.methods.base import AttributionMethod
-from vizkit.core.models import default_layer, find_layer
+from vizkit.core.models import default_layer, find_layer, token_model
 
-LAYOUTS = ("auto", "nchw", "nhwc")
+LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
 
 
 @dataclass
 class GradCamConfig:
     layer: str = ""  # a named_modules() name (vizkit-layers MODEL); "" = the last feature stage in timm's feature_info
-    layout: str = "auto"  # auto (from feature_info's channel count), nchw, nhwc: how the layer's output is laid out
+    layout: str = "auto"  # auto (from feature_info's channel count; tokens for a ViT's [B,N,C]), nchw, nhwc, tokens
     relu: bool = True  # the paper's ReLU: keep only evidence for the target
 
     def __post_init__(self) -> None:
@@ -71,7 +79,28 @@ def layer_activation_and_gradient(model, x, target, layer: str, method_name: str
     return activation.detach(), gradient
 
 
-def channels_first(tensor: torch.Tensor, layout: str, stage_channels: int | None, layer: str) -> torch.Tensor:
+def token_grid(model: torch.nn.Module, input_size: tuple[int, int]) -> tuple[int, int, int]:
+    """(prefix tokens, grid height, grid width) of a token model at this input size."""
+    embed = model.patch_embed
+    if hasattr(embed, "dynamic_feat_size"):
+        height, width = embed.dynamic_feat_size(tuple(input_size))
+    else:
+        height, width = embed.grid_size
+    return int(model.num_prefix_tokens), int(height), int(width)
+
+
+def channels_first(tensor: torch.Tensor, layout: str, stage_channels: int | None, layer: str,
+                   grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The layer's output as ``[B,C,H,W]``; ``grid``: a token model's (prefix, height, width)."""
+    if layout == "tokens" or (layout == "auto" and tensor.dim() == 3 and grid is not None):
+        if tensor.dim() != 3 or grid is None:
+            raise ConfigError(f"layer '{layer}' outputs shape {tuple(tensor.shape)}; layout=tokens needs a [B,N,C] layer of a "
+                              f"vision transformer (a model with patch_embed and num_prefix_tokens)")
+        prefix, height, width = grid
+        if tensor.shape[1] - prefix != height * width:
+            raise ConfigError(f"layer '{layer}' outputs {tensor.shape[1]} tokens; {prefix} prefix token(s) and a {height}x{width} patch "
+                              f"grid make {prefix + height * width}: choose a layer that keeps every patch token")
+        return tensor[:, prefix:].reshape(tensor.shape[0], height, width, tensor.shape[2]).permute(0, 3, 1, 2)
     if tensor.dim() != 4:
         raise ConfigError(f"layer '{layer}' outputs shape {tuple(tensor.shape)}; Grad-CAM needs a [B,C,H,W] feature map (a convolutional layer)")
     if layout == "auto":
@@ -93,8 +122,9 @@ class GradCam(AttributionMethod):
         layer = self.config.layer or default_layer(model)
         activation, gradient = layer_activation_and_gradient(model, x, target, layer, self.name)
         stage_channels = _stage_channels(model, layer)
-        activation = channels_first(activation, self.config.layout, stage_channels, layer).float()
-        gradient = channels_first(gradient, self.config.layout, stage_channels, layer).float()
+        grid = token_grid(model, x.shape[-2:]) if token_model(model) else None
+        activation = channels_first(activation, self.config.layout, stage_channels, layer, grid).float()
+        gradient = channels_first(gradient, self.config.layout, stage_channels, layer, grid).float()
         weights = gradient.mean((2, 3), keepdim=True)  # alpha_k
         cam = (weights * activation).sum(1, keepdim=True)
         if self.config.relu:
