@@ -104,3 +104,18 @@ def test_two_cpu_processes_give_the_same_results_as_one(vizkit_cli):
     for one, two in zip(single.results["inputs"], double.results["inputs"]):  # metrics travel with their inputs
         assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
         assert two["curves"]["deletion"] == pytest.approx(one["curves"]["deletion"], abs=1e-6)
+
+
+def test_a_refused_job_does_not_stop_the_sweep(vizkit_cli):
+    """A job whose method refuses the model says why and the sweep goes on; only a sweep whose every
+    job was refused exits 2."""
+    import json as json_
+
+    both = vizkit_cli("-m", "method=attention_rollout,saliency", "trainer.progress_bar=false")
+    assert both.returncode == 0, both.stderr[-2000:]
+    assert "attention_rollout explains vision transformers" in both.stderr and "Traceback" not in both.stderr
+    (sweep_dir,) = (both.cwd / "outputs" / "multirun").glob("*/*")
+    assert json_.loads((sweep_dir / "0_attention_rollout" / ".vizkit-run").read_text())["status"] == "failed"
+    assert (sweep_dir / "1_saliency" / "results.json").is_file()
+    alone = vizkit_cli("-m", "method=attention_rollout", "trainer.progress_bar=false")
+    assert alone.returncode == 2 and "explains vision transformers" in alone.stderr

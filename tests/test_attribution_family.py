@@ -391,7 +391,8 @@ def test_token_layout_sizes_come_from_the_model_and_the_input():
     assert maps.shape == (1, 1, 96, 128) and maps.abs().sum() > 0
     with pytest.raises(ConfigError, match="layout=tokens needs a \\[B,N,C\\] layer of a vision transformer"):
         vizkit.create_method("gradcam", layout="tokens").attribute(timm_model("test_resnet"), torch.randn(1, 3, 32, 32), [1])
-    from vizkit.methods.attribution.gradcam import channels_first, token_grid
+    from vizkit.core.models import token_grid
+    from vizkit.methods.attribution.gradcam import channels_first
 
     assert token_grid(vit, (96, 128)) == (1, 96 // 16, 128 // 16)
     with pytest.raises(ConfigError, match="outputs 100 tokens; 1 prefix token\\(s\\) and a 10x10 patch grid make 101"):

@@ -84,6 +84,16 @@ def _run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+_JOBS = {"finished": 0, "failed": 0}  # this process's jobs of a multirun
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _review_dir(run_dir: Path) -> Path:
     """The directory TensorBoard should open: the sweep's for a multirun (one HParams table)."""
     from hydra.core.hydra_config import HydraConfig
@@ -132,10 +142,14 @@ def _main(cfg: DictConfig) -> None:
             if message is None:  # not the user's doing: the traceback is the report
                 raise
             print(f"vizkit: error: {message}", file=sys.stderr)  # user-facing
+            if _in_multirun():  # one job refused (a method that does not apply to the model): the sweep goes on
+                _JOBS["failed"] += 1
+                return
             sys.exit(2)
         signum = interrupt.received()
     if results is None:  # a secondary rank of a multi-device run
         return
+    _JOBS["finished"] += 1
     run_dirs.mark(run_dir, "finished" if signum is None else "interrupted")
     print(f"vizkit: {report(results)} -> {run_dir}")  # user-facing
     print(f"vizkit: review with: tensorboard --logdir {_review_dir(run_dir)}")  # user-facing
@@ -233,6 +247,8 @@ def main() -> None:
         print(f"vizkit: error: {error}", file=sys.stderr)  # user-facing
         sys.exit(2)
     _main()
+    if _JOBS["failed"] and not _JOBS["finished"]:  # a sweep whose every job was refused (each said why above)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

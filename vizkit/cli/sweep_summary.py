@@ -6,7 +6,8 @@ job's ``results.json`` in the sweep directory and writes ``summary.csv`` and ``s
 
 Ranking: for each metric, runs are ranked 1..N in its own direction (deletion and randomization: lower
 is better; insertion, pointing game, mask energy: higher), ties sharing the average rank; the table is
-sorted by the mean of those ranks. A failed job (no results.json) is listed as failed, not dropped.
+sorted by the mean of those ranks. A failed job (no results.json: a method that does not apply to the
+model, say) is listed with the error its run recorded, not dropped.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
         for row in rows:
             writer.writerow({**{c: row.get(c) for c in columns}, "status": "ok"})
         for job_dir in failed:
-            writer.writerow({"dir": job_dir, "status": "failed (no results.json)"})
+            writer.writerow({"dir": job_dir, "method": _job_method(job_dir), "status": f"failed: {_job_error(sweep_dir / job_dir)}"})
     titles = {name: title for name, title in zip(metric_names, metric_titles)}
     lines = [f"# Attribution comparison: {sweep_dir.name}", "",
              f"{len(rows)} run(s); ranked by the mean of per-metric ranks." if metric_names else f"{len(rows)} run(s); no metrics were computed.", "",
@@ -96,9 +97,23 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
              "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     if failed:
-        lines += ["", "Failed jobs (no results.json): " + ", ".join(failed)]
+        lines += ["", "Failed jobs (no results.json):", ""] + [f"- {job_dir}: {_job_error(sweep_dir / job_dir)}" for job_dir in failed]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def _job_method(job_dir: str) -> str:
+    """The method of a job directory named ``N_METHOD`` (the sweep's subdir pattern), or ''."""
+    head, _, method = job_dir.partition("_")
+    return method if head.isdigit() else ""
+
+
+def _job_error(job_dir: Path) -> str:
+    """Why a job left no results: the error its run marker recorded, if any."""
+    from vizkit.cli.run_dirs import read_marker
+
+    marker = read_marker(job_dir) or {}
+    return str(marker.get("error") or "no results.json")
 
 
 def _cell(value: Any) -> str:

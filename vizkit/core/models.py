@@ -244,6 +244,16 @@ def token_model(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens") and hasattr(model, "blocks")
 
 
+def token_grid(model: nn.Module, input_size: tuple[int, int]) -> tuple[int, int, int]:
+    """(prefix tokens, grid height, grid width) of a token model at this input size."""
+    embed = model.patch_embed
+    if hasattr(embed, "dynamic_feat_size"):
+        height, width = embed.dynamic_feat_size(tuple(input_size))
+    else:
+        height, width = embed.grid_size
+    return int(model.num_prefix_tokens), int(height), int(width)
+
+
 def default_layer(model: nn.Module) -> str:
     """The last feature stage from timm's ``feature_info`` (where Grad-CAM looks and a channel scan
     starts), or an error that says how to choose one.

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from vizkit.core.errors import ConfigError
 from vizkit.core.hooks import capture_output
 from vizkit.methods.base import AttributionMethod
-from vizkit.core.models import default_layer, find_layer, token_model
+from vizkit.core.models import default_layer, find_layer, token_grid, token_model
 
 LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
 
@@ -77,16 +77,6 @@ def layer_activation_and_gradient(model, x, target, layer: str, method_name: str
             raise ConfigError(f"{method_name}: the target's score does not depend on layer '{layer}'; choose a layer before the target")
         (gradient,) = torch.autograd.grad(score.sum(), activation)
     return activation.detach(), gradient
-
-
-def token_grid(model: torch.nn.Module, input_size: tuple[int, int]) -> tuple[int, int, int]:
-    """(prefix tokens, grid height, grid width) of a token model at this input size."""
-    embed = model.patch_embed
-    if hasattr(embed, "dynamic_feat_size"):
-        height, width = embed.dynamic_feat_size(tuple(input_size))
-    else:
-        height, width = embed.grid_size
-    return int(model.num_prefix_tokens), int(height), int(width)
 
 
 def channels_first(tensor: torch.Tensor, layout: str, stage_channels: int | None, layer: str,
