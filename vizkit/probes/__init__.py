@@ -1,3 +1,3 @@
-"""What methods measure a network with: input gradients, ReLU rules, baselines, receptive fields.
+"""What methods measure a network with: input gradients, activation rules, attention maps, baselines, receptive fields.
 
 Imports only ``vizkit.core``."""
