@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from harness import MODEL
+from harness import MODEL, VIT_MODEL
 
 
 def make_model() -> nn.Module:
@@ -22,6 +22,16 @@ def make_model() -> nn.Module:
             if isinstance(module, nn.BatchNorm2d):
                 module.weight.uniform_(0.5, 1.5)
     return model
+
+
+def make_vit_model(size: int = 224) -> nn.Module:
+    """timm vit_small_patch16_224, random weights (seed 0), eval; ``size``: the ``img_size`` it is created
+    for (a ViT's position embedding fixes its input size: 64 px in --quick, a 4x4 patch grid)."""
+    import timm
+
+    torch.manual_seed(0)
+    kwargs = {} if size == 224 else {"img_size": size}
+    return timm.create_model(VIT_MODEL, pretrained=False, **kwargs).eval()
 
 
 def make_input(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +71,26 @@ def layer_gradient_floor(model: nn.Module, layer: nn.Module, x: torch.Tensor, ta
         handle.remove()
     score = logits.max(1).values if target is None else logits[torch.arange(x.shape[0]), target]
     (gradient,) = torch.autograd.grad(score.sum(), captured[0])
+    return gradient
+
+
+def no_grad_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One plain forward of the batch, no graph: what a forward-only method (attention rollout) needs."""
+    with torch.no_grad():
+        return model(x)
+
+
+def block_input_gradient_floor(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A ViT's forward with a pre-hook keeping the tokens that enter its first block, then autograd.grad
+    of the target logits' sum w.r.t. them: the backward through every block (no weight gradients), which
+    a gradient reaching the first block's attention cannot avoid; it stops before the patch embedding."""
+    captured: list[torch.Tensor] = []
+    handle = model.blocks.register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    (gradient,) = torch.autograd.grad(logits[torch.arange(x.shape[0]), target].sum(), captured[0])
     return gradient
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 THREADS = 1
 MODEL = "resnet18"
+VIT_MODEL = "vit_small_patch16_224"  # the ViT method rows' model (gradcam_vit, attention_rollout_vit, gradient_weighted_attention_vit)
 # the clocks every timer reads (module attributes, so a test can give the harness a clock it controls)
 WALL_CLOCK: Callable[[], float] = time.perf_counter
 CPU_CLOCK: Callable[[], float] = time.process_time
@@ -119,10 +120,11 @@ class Row:
 
     @classmethod
     def timed(cls, method: str, x: torch.Tensor, times: dict[str, Timing], peer: str | None, stage: str = "method",
-              has_ratio: bool = True, **extra: Any) -> "Row":
+              has_ratio: bool = True, model: str = MODEL, **extra: Any) -> "Row":
         """A row from `time_alternating` over "method", "floor" and (where there is one) "peer": the
         medians of their wall seconds, their mins, the median of the per-repeat method/floor ratios
-        (``paired_ratio``) and the same figures from CPU time (``cpu``); batch and size from ``x``'s shape."""
+        (``paired_ratio``) and the same figures from CPU time (``cpu``); batch and size from ``x``'s shape;
+        ``model``: the timm model's name (resnet18 unless a row says otherwise)."""
         keys = [k for k in ("method", "floor", "peer") if k in times]
         cpu = {k: statistics.median(times[k].cpu) for k in keys}
         paired = statistics.median(m / f for m, f in zip(times["method"].wall, times["floor"].wall))
@@ -136,7 +138,7 @@ class Row:
         extra = {**mins, **({"paired_ratio": paired} if has_ratio else {}), **extra, "cpu": cpu_figures}
         return cls(method, x.shape[0], x.shape[-1], stage, times["method"].median, times["floor"].median,
                    peer, times["peer"].median if "peer" in times else None, len(times["method"].wall), extra,
-                   has_ratio=has_ratio)
+                   model=model, has_ratio=has_ratio)
 
     @property
     def ratio(self) -> float | None:

@@ -1,5 +1,6 @@
 """The peers every row is compared with, each behind a small adapter: captum (attribution),
-pytorch-grad-cam (Grad-CAM), torchattacks (FGSM, PGD) and lucent (feature visualization).
+pytorch-grad-cam (Grad-CAM; on a ViT with its documented ``reshape_transform``), torchattacks (FGSM,
+PGD) and lucent (feature visualization).
 
 Each adapter returns a callable doing the peer's work on the row's inputs, and the name the row
 records for it. What a peer needs that vizkit does not (PITFALLS.md, "Peers") is done here: captum's
@@ -126,20 +127,33 @@ def captum_occlusion(model: nn.Module, window: int, stride: int, fill: torch.Ten
 
 
 @contextlib.contextmanager
-def pytorch_grad_cam(model: nn.Module, target: torch.Tensor) -> Iterator[tuple[Callable[[torch.Tensor], Any], str]]:
-    """``run(x)``: pytorch-grad-cam's GradCAM on layer4 for ``target``'s classes, on a deep copy (its
-    hooks stay on the layer while the object lives and would slow the other calls); released on exit.
-    It also computes every weight gradient."""
+def pytorch_grad_cam(model: nn.Module, target: torch.Tensor, layer: str = "layer4",
+                     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     name: str | None = None) -> Iterator[tuple[Callable[[torch.Tensor], Any], str]]:
+    """``run(x)``: pytorch-grad-cam's GradCAM on ``layer`` (layer4; a ViT's: with its ``reshape_transform``)
+    for ``target``'s classes, on a deep copy (its hooks stay on the layer while the object lives and would
+    slow the other calls); released on exit. It also computes every weight gradient."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     copied = copy.deepcopy(model)
-    cam = GradCAM(model=copied, target_layers=[copied.layer4])
+    cam = GradCAM(model=copied, target_layers=[copied.get_submodule(layer)], reshape_transform=reshape_transform)
     targets = [ClassifierOutputTarget(int(t)) for t in target]
     try:
-        yield (lambda x: cam(input_tensor=x, targets=targets)), "pytorch_grad_cam.GradCAM([layer4])"
+        yield (lambda x: cam(input_tensor=x, targets=targets)), name or f"pytorch_grad_cam.GradCAM([{layer}])"
     finally:
         cam.activations_and_grads.release()
+
+
+def vit_reshape_transform(height: int = 14, width: int = 14) -> Callable[[torch.Tensor], torch.Tensor]:
+    """pytorch-grad-cam's documented ViT ``reshape_transform`` (its tutorial's): drop the class token,
+    reshape the patch tokens to the ``height`` x ``width`` grid, channels first."""
+
+    def reshape_transform(tensor: torch.Tensor) -> torch.Tensor:
+        result = tensor[:, 1:, :].reshape(tensor.size(0), height, width, tensor.size(2))
+        return result.transpose(2, 3).transpose(1, 2)
+
+    return reshape_transform
 
 
 # ------------------------------------------------------------------ torchattacks

@@ -13,10 +13,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from floors import make_input, make_model
+from floors import make_input, make_model, make_vit_model
 from harness import Row, set_threads
-from rows_methods import (attack_row, gradcam_row, gradient_row, guided_gradcam_row, integrated_gradients_row, mask_row,
-                          occlusion_row, perturbation_row, randomization_row, smoothgrad_row)
+from rows_methods import (attack_row, attention_rollout_vit_row, gradcam_row, gradcam_vit_row, gradient_row,
+                          gradient_weighted_attention_vit_row, guided_gradcam_row, integrated_gradients_row, mask_row, occlusion_row,
+                          perturbation_row, randomization_row, smoothgrad_row)
 from rows_optimization import OPTIMIZATION_METHODS, Skipped, optimization_row
 from rows_runs import (RUNNER_OVERRIDES, SCAN_RUNS, SCANS, ScanPlan, gradcam_scan_row, runner_row, scan_run_row, top_patches_row,
                        write_image_folder, write_images)
@@ -24,8 +25,10 @@ from rows_runs import (RUNNER_OVERRIDES, SCAN_RUNS, SCANS, ScanPlan, gradcam_sca
 GRADIENT_METHODS = ("saliency", "guided_backprop", "deconvnet", "input_x_gradient")
 ADVERSARIAL_METHODS = ("fgsm", "pgd")
 METHODS = ("occlusion", *GRADIENT_METHODS, "gradcam", "guided_gradcam", "integrated_gradients", "smoothgrad", *ADVERSARIAL_METHODS)
+VIT_ROWS = {"gradcam_vit": gradcam_vit_row, "attention_rollout_vit": attention_rollout_vit_row,  # method rows on vit_small_patch16_224
+            "gradient_weighted_attention_vit": gradient_weighted_attention_vit_row}
 METRICS = ("deletion", "insertion", "pointing_game", "mask_energy", "randomization")
-ROWS = METHODS + METRICS + OPTIMIZATION_METHODS + SCANS
+ROWS = METHODS + tuple(VIT_ROWS) + METRICS + OPTIMIZATION_METHODS + SCANS
 STAGES = ("method", "metric", "runner", "optimization", "scan")
 
 
@@ -50,13 +53,16 @@ class Plan:
     optimization_steps: int = 32
     optimization_repeats: int = 3
     optimization_batches: dict[int, bool] = field(default_factory=lambda: {1: True})
+    # ViT method rows: one batch, at the size the ViT is created for (--quick: img_size=64, a 4x4 patch grid)
+    vit_batch: int = 8
+    vit_size: int = 224
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
             return cls(64, (1,), {1: 9}, {"window": 16, "stride": 8}, {1: 5}, ig_steps={1: 32}, ig_repeats={1: 3},
                        smoothgrad_samples={1: 16}, smoothgrad_repeats={1: 5}, perturbation_repeats={1: 5}, randomization_repeats={1: 7},
-                       optimization_size=64, optimization_steps=8, optimization_repeats=1)
+                       optimization_size=64, optimization_steps=8, optimization_repeats=1, vit_batch=1, vit_size=64)
         # full: ~13 min on a quiet 1-thread CPU; the many-pass rows get fewer repeats and smaller sizes at batch 8
         return cls(224, (1, 8), {1: 7, 8: 5}, {"window": 56, "stride": 28}, {1: 5, 8: 2},
                    ig_steps={1: 64, 8: 16}, ig_repeats={1: 3, 8: 2}, smoothgrad_samples={1: 16, 8: 8}, smoothgrad_repeats={1: 3, 8: 2},
@@ -95,6 +101,7 @@ def run_rows(names: list[str], stages: set[str], quick: bool, progress: Callable
     skipped, with why (``NAME/batchB``: reason)."""
     plan = Plan.make(quick)
     methods = [name for name in names if name in METHODS]
+    vits = [name for name in names if name in VIT_ROWS]
     metrics = [name for name in names if name in METRICS]
     optimizations = [name for name in names if name in OPTIMIZATION_METHODS]
     scans = [name for name in names if name in SCANS]
@@ -116,6 +123,11 @@ def run_rows(names: list[str], stages: set[str], quick: bool, progress: Callable
         todo += [(name, metric_row) for name in metrics if "metric" in stages]
         for name, make_row in todo:
             timed_row(lambda: make_row(name, model, x, target, plan))
+    if "method" in stages and vits:  # vit_small_patch16_224 (random weights), one batch
+        vit = make_vit_model(plan.vit_size)
+        x, target = make_input(plan.vit_batch, plan.vit_size)
+        for name in vits:
+            timed_row(lambda: VIT_ROWS[name](vit, x, target, plan.repeats[plan.vit_batch]))
     if "runner" in stages and methods:
         with tempfile.TemporaryDirectory(prefix="vizkit-bench-") as tmp:
             workdir = Path(tmp)

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from floors import chunked_gradient_floor, gradient_floor, layer_gradient_floor
-from harness import Row, Timing, fastest_setting, second_peer, time_alternating
+from floors import block_input_gradient_floor, chunked_gradient_floor, gradient_floor, layer_gradient_floor, no_grad_forward
+from harness import VIT_MODEL, Row, Timing, fastest_setting, second_peer, time_alternating
 from peers import (CHUNK_CANDIDATES, captum_gradient, captum_guided_gradcam, captum_integrated_gradients, captum_layer_gradcam,
-                   captum_occlusion, captum_smoothgrad, chunk_candidates, pytorch_grad_cam, torchattacks_attack)
+                   captum_occlusion, captum_smoothgrad, chunk_candidates, pytorch_grad_cam, torchattacks_attack, vit_reshape_transform)
 
 PGD_STEPS = 10
 
@@ -117,6 +117,94 @@ def guided_gradcam_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
     return Row.timed("guided_gradcam", x, times, peer_name, settings={"layer": "layer4"},
                      note="floor: gradcam's floor (forward + backward to layer4) then the gradient floor (forward + backward "
                           "to x); captum gets a copy with inplace=False ReLUs")
+
+
+# ------------------------------------------------------------------ vision transformers (vit_small_patch16_224)
+
+
+def gradcam_vit_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int) -> Row:
+    """Grad-CAM on a ViT at its default layer (the last block's norm1, layout tokens), as ``gradcam_row``:
+    floor = one forward keeping that layer's output + autograd.grad of the target logits' sum w.r.t. it;
+    peer = pytorch-grad-cam's GradCAM on the same layer with its documented ViT reshape_transform."""
+    import vizkit
+    from vizkit.core.models import default_layer, token_grid
+
+    method = vizkit.create_method("gradcam")
+    layer = f"blocks.{len(model.blocks) - 1}.norm1"
+    assert default_layer(model) == layer, f"vizkit's default ViT layer is {default_layer(model)}, the row times {layer}"
+    prefix, height, width = token_grid(model, x.shape[-2:])
+    reshape = vit_reshape_transform(height, width)
+    pgc = pytorch_grad_cam(model, target, layer, reshape, f"pytorch_grad_cam.GradCAM([{layer}], vit reshape_transform)")
+    with pgc as (run_pgc, pgc_name):
+        times = time_alternating({
+            "method": lambda: method.attribute(model, x, target),
+            "floor": lambda: layer_gradient_floor(model, model.get_submodule(layer), x, target),
+            "peer": lambda: run_pgc(x),
+        }, repeats)
+    return Row.timed("gradcam_vit", x, times, pgc_name, model=VIT_MODEL,
+                     settings={"layer": layer, "layout": "tokens", "prefix_tokens": prefix, "grid": [height, width]},
+                     note=f"floor: one forward with a hook keeping {layer}'s output, autograd.grad of the target logits' sum "
+                          f"w.r.t. it (the backward stops at that layer: the head, the final norm and the last block); "
+                          f"pytorch-grad-cam: reshape_transform drops the class token, reshapes to {height}x{width} and permutes "
+                          f"to channels first; it runs on a copy (its hooks stay while it lives) and also computes every weight gradient")
+
+
+def attention_rollout_vit_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int) -> Row:
+    """Attention rollout (defaults: head_fusion mean, discard_ratio 0) against one plain no_grad forward:
+    the rollout needs only the forward (its probabilities are read beside each attention call)."""
+    import vizkit
+
+    method = vizkit.create_method("attention_rollout")
+    config = method.config
+    explicit = explicit_attention_copy(model)
+    times = time_alternating({
+        "method": lambda: method.attribute(model, x, target),
+        "floor": lambda: no_grad_forward(model, x),
+        "explicit_floor": lambda: no_grad_forward(explicit, x),
+    }, repeats)
+    seconds, explicit_floor = times["method"].median, times["explicit_floor"].median
+    return Row.timed("attention_rollout_vit", x, times, None, model=VIT_MODEL,
+                     settings={"head_fusion": config.head_fusion, "discard_ratio": config.discard_ratio, "blocks": len(model.blocks)},
+                     explicit_floor_seconds=explicit_floor, explicit_floor_min=min(times["explicit_floor"].wall),
+                     ratio_vs_explicit_floor=seconds / explicit_floor,
+                     note="floor: one plain no_grad forward of the batch (the rollout needs only the forward; timm's fused "
+                          "scaled_dot_product_attention never materializes the probabilities); explicit_floor_seconds: the same "
+                          "forward with timm's hand-written attention (fused_attn=False on a copy: softmax(q k^T scale) @ v, the "
+                          "probabilities materialized); no peer: neither captum nor pytorch-grad-cam has attention rollout")
+
+
+def explicit_attention_copy(model: nn.Module) -> nn.Module:
+    """A copy whose attention is timm's hand-written one (``fused_attn=False``): softmax(q kᵀ · scale) @ v,
+    the probabilities materialized, as the attention methods need them (the fused kernel never makes them)."""
+    explicit = copy.deepcopy(model)
+    for block in explicit.blocks:
+        block.attn.fused_attn = False
+    return explicit
+
+
+def gradient_weighted_attention_vit_row(model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int) -> Row:
+    """Gradient-weighted attention (Chefer et al. 2021): one forward and a backward to every block's
+    attention probabilities, the first block's included. Floor: the forward + autograd.grad of the target
+    logits' sum w.r.t. the tokens entering the first block (the backward through every block)."""
+    import vizkit
+
+    method = vizkit.create_method("gradient_weighted_attention")
+    explicit = explicit_attention_copy(model)
+    times = time_alternating({
+        "method": lambda: method.attribute(model, x, target),
+        "floor": lambda: block_input_gradient_floor(model, x, target),
+        "explicit_floor": lambda: block_input_gradient_floor(explicit, x, target),
+    }, repeats)
+    seconds, explicit_floor = times["method"].median, times["explicit_floor"].median
+    return Row.timed("gradient_weighted_attention_vit", x, times, None, model=VIT_MODEL, settings={"blocks": len(model.blocks)},
+                     explicit_floor_seconds=explicit_floor, explicit_floor_min=min(times["explicit_floor"].wall),
+                     ratio_vs_explicit_floor=seconds / explicit_floor,
+                     note="floor: one forward with a pre-hook keeping the tokens entering blocks.0, autograd.grad of the target "
+                          "logits' sum w.r.t. them (the backward through all 12 blocks, no weight gradients, stopping before the "
+                          "patch embedding: a gradient reaching blocks.0's attention probabilities cannot avoid it; it also runs "
+                          "blocks.0's qkv and norm1 backward, which the method skips); explicit_floor_seconds: the same pass with "
+                          "timm's hand-written attention (fused_attn=False on a copy: the probabilities materialized and in the "
+                          "graph); no peer: neither captum nor pytorch-grad-cam has it")
 
 
 # ------------------------------------------------------------------ many-pass gradient methods

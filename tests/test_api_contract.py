@@ -28,15 +28,15 @@ def pixels(embedded_samples):
     return embedded_samples[:2]
 
 
-def call(method, model, pixels):
-    """The method's verb on the embedded model and two sample images; the result as tensors."""
+def call(method, model, pixels, targets=TARGETS):
+    """The method's verb on the model and two sample images; the result as tensors."""
     space = vizkit.core.pixels.PixelSpace.for_model(model)
     if isinstance(method, AttributionMethod):
         return [method.attribute(model, space.from_pixels(pixels))]
     if isinstance(method, AdversarialMethod) and not isinstance(method, OptimizationMethod) and method.name != "fooling_images":
         return [method.attack(model, space.from_pixels(pixels))]
     if isinstance(method, OptimizationMethod) or method.name == "fooling_images":
-        target = TARGETS.get(method.name)
+        target = targets.get(method.name)
         images = pixels if getattr(method, "needs_images", False) else None
         return [method.optimize(model, target, images).images]
     assert isinstance(method, InspectionMethod)
@@ -60,16 +60,21 @@ def test_a_model_in_train_mode_is_used_in_eval_mode_and_given_back_as_it_was(emb
     method = vizkit.create_method(name, **QUICK.get(name, {}))
     try:
         getattr(method, "check", lambda model: None)(embedded)
-        model, last = embedded, embedded.fc.weight
+        given_back(method, embedded, embedded.fc.weight, pixels)
     except ConfigError:
-        model, last = vit, vit.head.weight
-    expected = call(method, model.eval(), pixels)
+        given_back(method, vit, vit.head.weight, pixels, FAMILY_TARGETS["vit"])
+
+
+def given_back(method, model, last, pixels, targets=TARGETS):
+    """The method in train mode (one weight frozen by the user) computes what it does in eval mode and
+    leaves modes, requires_grad, hooks, weights and statistics as they were."""
+    expected = call(method, model.eval(), pixels, targets)
     model.train()
     last.requires_grad_(False)
     before = model_state(model)
     weights = {key: value.clone() for key, value in model.state_dict().items()}  # BatchNorm statistics too
     try:
-        got = call(method, model, pixels)
+        got = call(method, model, pixels, targets)
         assert model_state(model) == before
         assert all(torch.equal(value, weights[key]) for key, value in model.state_dict().items())
     finally:
@@ -77,6 +82,31 @@ def test_a_model_in_train_mode_is_used_in_eval_mode_and_given_back_as_it_was(emb
         last.requires_grad_(True)
     for one, other in zip(got, expected):  # the same computation as in eval mode, not batch statistics
         torch.testing.assert_close(one, other, rtol=0, atol=0)
+
+
+FAMILY_TARGETS = {"vit": {"feature_viz": "channel:blocks.1:5"}, "convnext": {"feature_viz": "channel:stages.2:5"}}
+
+
+@pytest.fixture(scope="module")
+def convnext():
+    """timm's tiny ConvNeXt (GELU, channels-last LayerNorm inside its blocks), stochastic depth on."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("test_convnext", pretrained=False, num_classes=6, drop_path_rate=0.2).eval()
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+@pytest.mark.parametrize("name", sorted(discover()))
+def test_every_method_gives_a_vit_and_a_convnext_back_as_they_were(vit, convnext, pixels, family, name):
+    model, last = (vit, vit.head.weight) if family == "vit" else (convnext, convnext.head.fc.weight)
+    method = vizkit.create_method(name, **QUICK.get(name, {}))
+    try:
+        getattr(method, "check", lambda model: None)(model)
+    except ConfigError as error:  # a transformer-only method on the ConvNeXt
+        assert "\n" not in str(error) and "explains vision transformers" in str(error)
+        return
+    given_back(method, model, last, pixels, FAMILY_TARGETS[family])
 
 
 @pytest.mark.parametrize("bad, message", [

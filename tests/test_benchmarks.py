@@ -69,6 +69,9 @@ def check_figures(row: dict) -> None:
             assert close(cpu["peer_ratio"], cpu["seconds"] / cpu["peer_seconds"]), name
     if "floor_chunk8_seconds" in row:
         assert close(row["ratio_vs_floor_chunk8"], seconds / row["floor_chunk8_seconds"]), name
+    if "explicit_floor_seconds" in row:  # the ViT attention rows' second reference (timm's hand-written attention)
+        assert close(row["ratio_vs_explicit_floor"], seconds / row["explicit_floor_seconds"]), name
+        assert 0 < row["explicit_floor_min"] <= row["explicit_floor_seconds"] * (1 + REL), name
     if row.get("method_at_peer_chunk_seconds"):
         at = row["method_at_peer_chunk_seconds"]
         assert close(row["default_vs_peer_chunk"], seconds / at) and close(row["peer_ratio_at_same_chunk"], at / row["peer_seconds"]), name

@@ -159,7 +159,6 @@ def test_missing_style_files_name_the_path_and_close_matches(tmp_path):
     ({"tv_weight": float("inf")}, "tv_weight must be a finite non-negative number"),
     ({"style_weight": 0.0}, "style_weight must be positive"),
     ({"style": []}, "at least one style image"),
-    ({"style_layers": []}, "at least one layer"),
     ({"style_layers": ["layer1", "layer1"]}, "names layer1 more than once"),
     ({"init": "white"}, "init must be one of content, noise, style"),
     ({"optimizer": "adam"}, "use method.lr=0.03"),

@@ -97,5 +97,12 @@ def test_layers_command_lists_addressable_layers():
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]
     assert rows[0][0] == "layer4" and all(row[0].startswith("layer4") for row in rows)
     assert any(row[1] == "ReLU" for row in rows)
+    assert rows[0][2:] == ["96x4x4", "gradcam"]  # the layer each family's default picks is marked
+    from vizkit.cli.layers import layer_table
+    from tiny_models import timm_model
+
+    vit = {name: (shape, roles) for name, _, shape, roles in layer_table(timm_model("test_vit"), (3, 160, 160))}
+    assert vit["blocks.5.norm1"] == ("64x10x10 (tokens)", "gradcam, top_patches") and vit["patch_embed.proj"][1] == "filters"
+    assert vit["blocks.0.mlp.act"][1] == "inversion"
     unknown = subprocess.run([str(Path(sys.executable).parent / "vizkit-layers"), "resnet81"], capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2 and "closest: resnet18" in unknown.stderr and "Traceback" not in unknown.stderr

@@ -1,7 +1,11 @@
-"""``vizkit-layers MODEL``: the addressable layers of a model, with their output shapes.
+"""``vizkit-layers MODEL``: the addressable layers of a model, with their output shapes and the
+defaults that pick them.
 
 These ``named_modules()`` names are what ``target=channel:LAYER:C``, ``neuron:LAYER:C:Y:X`` and
-methods' ``layer`` fields take.
+methods' ``layer`` fields take. The last column marks the layers each family uses when none is named
+(``vizkit.probes.default_layers``): Grad-CAM's, inversion's, Deep Dream's, neural style's, top
+patches' and the filters'. A shape is shown channels first; a layer kept channels-last or as
+transformer tokens says so (a channel of it is still ``channel:LAYER:C``).
 """
 from __future__ import annotations
 
@@ -11,25 +15,40 @@ import sys
 from vizkit.core.errors import VizkitError
 
 
-def layer_table(model, input_size) -> list[tuple[str, str, str]]:
-    """(name, type, output shape) for every named module, from one forward on a zero input."""
+def layer_table(model, input_size) -> list[tuple[str, str, str, str]]:
+    """(name, type, output shape, the defaults that pick it) for every named module, from one forward
+    on a zero input."""
     import torch
 
+    from vizkit.core.layouts import channels_first, layout_of
+    from vizkit.probes.default_layers import default_roles
+
+    size = tuple(input_size[-2:])
     shapes: dict[str, str] = {}
     handles = []
     for name, module in model.named_modules():
         if not name:
             continue
         def record(_m, _i, out, name=name):
-            shapes.setdefault(name, "x".join(map(str, out.shape[1:])) if isinstance(out, torch.Tensor) else type(out).__name__)
+            if name in shapes:
+                return
+            if not isinstance(out, torch.Tensor):
+                shapes[name] = type(out).__name__
+                return
+            layout = layout_of(out, model, name, size)
+            shown = channels_first(out, model, name, size) if layout != "nchw" else out
+            shapes[name] = "x".join(map(str, shown.shape[1:])) + {"nchw": "", "nhwc": " (channels-last)", "tokens": " (tokens)"}[layout]
         handles.append(module.register_forward_hook(record))
+    x = torch.zeros(1, *input_size)
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_size))
+            model(x)
     finally:
         for handle in handles:
             handle.remove()
-    return [(name, type(module).__name__, shapes.get(name, "(unused)")) for name, module in model.named_modules() if name]
+    roles = default_roles(model, x)
+    return [(name, type(module).__name__, shapes.get(name, "(unused)"), ", ".join(roles.get(name, [])))
+            for name, module in model.named_modules() if name]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,10 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     except VizkitError as error:
         print(f"vizkit-layers: error: {error}", file=sys.stderr)  # user-facing
         sys.exit(2)
-    width = max((len(name) for name, _, _ in rows), default=4)
-    print(f"{'layer':<{width}}  {'type':<22} output (C x H x W)")  # user-facing
-    for name, kind, shape in rows:
-        print(f"{name:<{width}}  {kind:<22} {shape}")  # user-facing
+    width = max((len(name) for name, _, _, _ in rows), default=4)
+    shape_width = max((len(shape) for _, _, shape, _ in rows), default=18)
+    print(f"{'layer':<{width}}  {'type':<22} {'output (C x H x W)':<{shape_width}}  default for")  # user-facing
+    for name, kind, shape, roles in rows:
+        print(f"{name:<{width}}  {kind:<22} {shape:<{shape_width}}  {roles}".rstrip())  # user-facing
 
 
 if __name__ == "__main__":

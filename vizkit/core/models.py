@@ -254,6 +254,33 @@ def token_grid(model: nn.Module, input_size: tuple[int, int]) -> tuple[int, int,
     return int(model.num_prefix_tokens), int(height), int(width)
 
 
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """(height, width) for a model that takes only its own input size (timm's ``fixed_input_size``:
+    ViT, Swin, MaxViT, CoAtNet; a ViT made with ``dynamic_img_size=True`` takes any), else None."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    embed = getattr(model, "patch_embed", None)
+    if not config.get("fixed_input_size") or getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_size", False):
+        return None
+    # the patch embedding's own size is the one it checks (a model made with img_size=... keeps timm's default config)
+    size = getattr(embed, "img_size", None) or data_config(model)["input_size"][-2:]
+    height, width = (size, size) if isinstance(size, int) else size
+    return int(height), int(width)
+
+
+def accepted_input_size(model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+    """The input size nearest ``size`` that the model takes: its fixed size (``fixed_input_size``), a
+    multiple of the patch for a ViT of dynamic size that does not pad, else ``size`` itself."""
+    fixed = fixed_input_size(model)
+    if fixed is not None:
+        return fixed
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None or getattr(embed, "dynamic_img_pad", False):
+        return int(size[0]), int(size[1])
+    patch = (patch, patch) if isinstance(patch, int) else patch
+    return tuple(max(int(p), int(p) * round(int(s) / int(p))) for s, p in zip(size, patch))  # type: ignore[return-value]
+
+
 def default_layer(model: nn.Module) -> str:
     """The last feature stage from timm's ``feature_info`` (where Grad-CAM looks and a channel scan
     starts), or an error that says how to choose one.

@@ -4,7 +4,8 @@ Users write targets as strings (``target=`` on the command line, or in Python):
 
     predicted               each input's top-1 class (the default)
     class:INDEX | class:NAME  a class, by index or by name (``class:tabby``, ``class:triangle``)
-    channel:LAYER:C         channel C of a layer, summed over space
+    channel:LAYER:C         channel C of a layer, summed over space (a ViT block's: embedding
+                            dimension C over the patch tokens; ``vizkit.core.layouts``)
     neuron:LAYER:C:Y:X      one activation: "retain this neuron, set all others to zero, backpropagate"
     layer:LAYER             a whole layer (its activation norm; for optimization methods)
 
@@ -171,9 +172,21 @@ class PredictedClassTarget(ClassTarget):
         return "PredictedClassTarget()" if self._indices is None else f"PredictedClassTarget({self._indices.tolist()})"
 
 
+def channel_of(output: torch.Tensor, model: nn.Module, layer: str, input_size: tuple[int, int], channel: int) -> torch.Tensor:
+    """Channel ``channel`` of a layer's output in any layout (``vizkit.core.layouts``): ``[B, H, W]``
+    for a feature map or a token sequence, ``[B]`` for a vector."""
+    from vizkit.core.layouts import channels_first
+
+    maps = channels_first(output, model, layer, input_size)
+    if maps.dim() < 2 or not 0 <= channel < maps.shape[1]:
+        raise ConfigError(f"channel {channel} is out of range: layer '{layer}' has {maps.shape[1] if maps.dim() >= 2 else 0} channels "
+                          f"(output shape {tuple(output.shape[1:])})")
+    return maps[:, channel]
+
+
 @dataclass(frozen=True)
 class ChannelTarget:
-    """Channel C of a layer's output, summed over its spatial positions."""
+    """Channel C of a layer's output, summed over its spatial positions (a token layer's: over its patch tokens)."""
 
     layer: str
     module: nn.Module
@@ -181,12 +194,10 @@ class ChannelTarget:
     kind: str = field(default="channel", init=False)
 
     def activation(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The channel's map ``[B, H, W]`` (a token layer's: the embedding dimension over the patch grid)."""
         from vizkit.core.hooks import layer_output
 
-        output = layer_output(model, x, self.module, self.layer)
-        if output.dim() < 2 or not 0 <= self.channel < output.shape[1]:
-            raise ConfigError(f"channel {self.channel} is out of range: layer '{self.layer}' outputs shape {tuple(output.shape[1:])}")
-        return output[:, self.channel]
+        return channel_of(layer_output(model, x, self.module, self.layer), model, self.layer, x.shape[-2:], self.channel)
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.activation(model, x).flatten(1).sum(1)

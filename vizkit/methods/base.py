@@ -201,6 +201,10 @@ class OptimizationMethod(Method):
     # (``split``); a method whose loss couples them (feature_viz's diversity) says False
     chunkable: ClassVar[bool] = True
 
+    def default_target_for(self, model: "torch.nn.Module") -> "str | None":
+        """The target when none is given: ``default_target``, unless the method reads it from the model."""
+        return self.default_target
+
     def optimize(self, model: "torch.nn.Module", target: Any = None, images: "torch.Tensor | None" = None, *,
                  mean: Any = None, std: Any = None, on_step: Any = None):
         """Run the optimization in plain torch; returns ``vizkit.optimize.loop.Optimized`` (images as
@@ -272,7 +276,7 @@ class OptimizationMethod(Method):
         one = problem.pixels()[:1].detach()
         with evaluating(model):
             # per image: its parameters, their gradient and Adam's two moments, in float32
-            return Budget(model, problem.normalize(one), per_image_extra=4 * 4 * one.numel())
+            return Budget(model, problem.model_input(one), per_image_extra=4 * 4 * one.numel())
 
     def _problem(self, model, target, images, mean, std):
         import torch
@@ -282,7 +286,7 @@ class OptimizationMethod(Method):
         device = next((p.device for p in model.parameters()), None)
         if isinstance(target, str) and target.strip().lower() == "predicted":
             target = None
-        target = target if target is not None else self.default_target
+        target = target if target is not None else self.default_target_for(model)
         if target is not None and not self.target_kinds:
             raise ConfigError(f"{self.name} takes no target; its fields say what to optimize (see `vizkit method={self.name} --cfg job`)")
         if target is None and self.target_kinds:

@@ -5,7 +5,8 @@ terms read are recorded on the way (``vizkit.core.hooks.layer_outputs``), and th
 deepest one unless a class term needs the logits. Scores are per image, to be maximized:
 
     class:C                 the class logit (Simonyan et al. 2014 optimize the unnormalized score)
-    channel:LAYER:C         the channel's mean activation (lucent's ``channel``)
+    channel:LAYER:C         the channel's mean activation (lucent's ``channel``; a ViT block's: the
+                            embedding dimension averaged over the patch tokens, ``vizkit.core.layouts``)
     neuron:LAYER:C:Y:X      one activation
     layer:LAYER             the mean squared activation of the layer (Deep Dream's ||a||², per unit)
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from vizkit.core.errors import ConfigError
 from vizkit.core.hooks import layer_outputs
-from vizkit.core.targets import ClassTarget, ChannelTarget, LayerTarget, NeuronTarget, Target, parse_target, resolve_spec
+from vizkit.core.targets import ClassTarget, ChannelTarget, channel_of, LayerTarget, NeuronTarget, Target, parse_target, resolve_spec
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class Term:
     weight: float = 1.0
 
 
-def term_score(target: Target, logits: torch.Tensor | None, activations: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One term's per-image score from a forward's logits and recorded layers."""
+def term_score(target: Target, logits: torch.Tensor | None, activations: dict[str, torch.Tensor],
+               model: nn.Module | None = None, input_size: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """One term's per-image score from a forward's logits and recorded layers (a channel or neuron
+    term reads the layer in its model's layout: ``model`` and the forward's ``input_size``)."""
     if isinstance(target, ClassTarget):
         if logits is None or logits.dim() != 2:
             raise ConfigError(f"a class objective needs a model that outputs [B, classes] logits, got {None if logits is None else tuple(logits.shape)}")
@@ -47,9 +50,7 @@ def term_score(target: Target, logits: torch.Tensor | None, activations: dict[st
     output = activations[target.layer]
     if isinstance(target, LayerTarget):
         return output.flatten(1).pow(2).mean(1)
-    if output.dim() < 2 or not 0 <= target.channel < output.shape[1]:
-        raise ConfigError(f"channel {target.channel} is out of range: layer '{target.layer}' outputs shape {tuple(output.shape[1:])}")
-    channel = output[:, target.channel]
+    channel = channel_of(output, model, target.layer, input_size, target.channel)
     if isinstance(target, ChannelTarget):
         return channel.flatten(1).mean(1)
     assert isinstance(target, NeuronTarget)
@@ -76,7 +77,7 @@ class Objective:
     def evaluate(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """(per-image weighted score [B], the recorded layers, the logits or None)."""
         logits, activations = layer_outputs(model, x, self.modules, logits=self.needs_logits)
-        score = sum(term.weight * term_score(term.target, logits, activations) for term in self.terms)
+        score = sum(term.weight * term_score(term.target, logits, activations, model, x.shape[-2:]) for term in self.terms)
         return score, activations, logits
 
     def __str__(self) -> str:

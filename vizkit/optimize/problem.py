@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vizkit.core.errors import ConfigError, VizkitError
+from vizkit.core.models import accepted_input_size
 from vizkit.optimize.parameterization import ImageParameterization
 from vizkit.core.pixels import PixelSpace
 
@@ -45,6 +47,15 @@ class OptimizationConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+
+
+def resized_to(pixels: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Pixels at ``size`` (the model's, ``accepted_input_size``; None: as they are): bilinear,
+    differentiable, antialiased when it shrinks."""
+    if size is None or tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    shrink = pixels.shape[-2] > size[0] or pixels.shape[-1] > size[1]
+    return F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
 class Diverged(VizkitError):
@@ -87,8 +98,12 @@ class Problem(nn.Module):
         """The images now, pixels in [0, 1], [B,3,H,W]."""
         return self.image()
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels - self.mean) / self.std
+    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What the model sees of pixels: normalized and, for a model that takes one input size only (a
+        ViT, Swin, MaxViT: timm's ``fixed_input_size``) or multiples of its patch, resized to the nearest
+        it takes after any transform (a jitter, a scale or an octave changes the size; the resize is
+        differentiable, antialiased when it shrinks)."""
+        return (resized_to(pixels, accepted_input_size(self.model, pixels.shape[-2:])) - self.mean) / self.std
 
     def compute_loss(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the scalar to minimize, named parts of it as scalars for the loss curves)."""

@@ -51,7 +51,7 @@ class OptimizationRun(FamilyRun):
             images = torch.stack([sample.pixels for sample in samples])
         target = settings.target
         if str(target) == "predicted":  # nothing to predict: the method's own default, if it has one
-            target = method.default_target
+            target = method.default_target_for(self.model)
         self.target = target
         self.problems = method.problems(model, target, images)
         names = unique_names([_shown_name(name, origin, samples) for problem in self.problems

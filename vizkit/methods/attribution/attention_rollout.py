@@ -21,11 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vizkit.core.errors import ConfigError
-from vizkit.core.models import token_grid, token_model
-from vizkit.methods.base import AttributionMethod
+from vizkit.core.models import token_grid
+from vizkit.methods.attribution.transformer import TransformerAttribution, class_token_map
 from vizkit.probes.attention import attention_maps
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -43,11 +42,19 @@ class AttentionRolloutConfig:
             raise ConfigError(f"discard_ratio must be in [0, 1), got {self.discard_ratio}")
 
 
+def fuse_heads(attention: torch.Tensor, head_fusion: str) -> torch.Tensor:
+    """[B, heads, N, N] -> [B, N, N] by the mean, max or min over the heads."""
+    if head_fusion == "mean":
+        return attention.mean(1)
+    return attention.amax(1) if head_fusion == "max" else attention.amin(1)
+
+
 def rollout(attentions: list[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0, prefix: int = 1) -> torch.Tensor:
-    """[B, N, N]: the rollout of per-block attentions [B, heads, N, N] (first block first)."""
+    """[B, N, N]: the rollout of per-block attentions, first block first: [B, heads, N, N], or [B, N, N]
+    with the heads already fused by ``head_fusion``."""
     result = None
     for attention in attentions:
-        fused = {"mean": attention.mean(1), "max": attention.amax(1), "min": attention.amin(1)}[head_fusion]
+        fused = fuse_heads(attention, head_fusion) if attention.dim() == 4 else attention
         if discard_ratio > 0:
             count = int(fused.shape[-1] * discard_ratio)
             if count:
@@ -55,36 +62,28 @@ def rollout(attentions: list[torch.Tensor], head_fusion: str = "mean", discard_r
                 keep = torch.ones_like(fused, dtype=torch.bool).scatter(-1, smallest, False)
                 keep[..., :prefix] = True  # attention to the class token is never discarded
                 fused = fused * keep
-        eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
-        step = 0.5 * fused + 0.5 * eye
-        step = step / step.sum(-1, keepdim=True)
+        step = fused * 0.5
+        step.diagonal(dim1=-2, dim2=-1).add_(0.5)  # ½ A + ½ I
+        if head_fusion != "mean" or discard_ratio > 0:  # a mean of softmax rows already sums to 1
+            step = step / step.sum(-1, keepdim=True)
         result = step if result is None else step @ result
     return result
 
 
-class AttentionRollout(AttributionMethod):
+class AttentionRollout(TransformerAttribution):
     name = "attention_rollout"
     description = "attention rollout: attention multiplied through the blocks, residuals included (Abnar & Zuidema 2020)"
     Config = AttentionRolloutConfig
-    target_kinds = frozenset({"class"})
-
-    def check(self, model):
-        if not token_model(model):
-            raise ConfigError(f"{self.name} explains vision transformers (a timm ViT, DeiT, EVA, BEiT: patch tokens and attention); "
-                              f"{type(model).__name__} has none: use gradcam or another method")
 
     def compute(self, model, x, target, pixels):
         self.check(model)
-        with torch.no_grad(), attention_maps() as attentions:
+        fusion = self.config.head_fusion
+        with torch.no_grad(), attention_maps(reduce=lambda attention: fuse_heads(attention, fusion)) as attentions:
             target.logits(model, x)  # the forward whose attention is rolled out; it also gives the prediction
-        if not attentions:
-            raise ConfigError(f"{self.name} found no scaled_dot_product_attention call in the forward: the model computes attention "
-                              f"by hand (timm's fused_attn=False, or TIMM_FUSED_ATTN=0), where its probabilities cannot be read")
+        self.require_attention(attentions)
         prefix, height, width = token_grid(model, x.shape[-2:])
         flow = rollout(attentions, self.config.head_fusion, float(self.config.discard_ratio), prefix)
         if flow.shape[-1] != prefix + height * width:
             raise ConfigError(f"{self.name}: the attention covers {flow.shape[-1]} tokens, not {prefix} prefix token(s) and a "
                               f"{height}x{width} patch grid")
-        relevance = flow[:, 0, prefix:] if prefix else flow.mean(1)
-        grid = relevance.reshape(-1, 1, height, width)
-        return F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return class_token_map(flow, prefix, height, width, x.shape[-2:])

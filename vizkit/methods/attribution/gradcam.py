@@ -38,9 +38,8 @@ import torch.nn.functional as F
 from vizkit.core.errors import ConfigError
 from vizkit.core.hooks import capture_output
 from vizkit.methods.base import AttributionMethod
-from vizkit.core.models import default_layer, find_layer, token_grid, token_model
-
-LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
+from vizkit.core.layouts import LAYOUTS, channels_first, layout_of
+from vizkit.core.models import default_layer, find_layer
 
 
 @dataclass
@@ -52,13 +51,6 @@ class GradCamConfig:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got '{self.layout}'")
-
-
-def _stage_channels(model: torch.nn.Module, layer: str) -> int | None:
-    for entry in getattr(model, "feature_info", None) or []:
-        if isinstance(entry, dict) and entry.get("module") == layer:
-            return entry.get("num_chs")
-    return None
 
 
 def layer_activation_and_gradient(model, x, target, layer: str, method_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,24 +71,13 @@ def layer_activation_and_gradient(model, x, target, layer: str, method_name: str
     return activation.detach(), gradient
 
 
-def channels_first(tensor: torch.Tensor, layout: str, stage_channels: int | None, layer: str,
-                   grid: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """The layer's output as ``[B,C,H,W]``; ``grid``: a token model's (prefix, height, width)."""
-    if layout == "tokens" or (layout == "auto" and tensor.dim() == 3 and grid is not None):
-        if tensor.dim() != 3 or grid is None:
-            raise ConfigError(f"layer '{layer}' outputs shape {tuple(tensor.shape)}; layout=tokens needs a [B,N,C] layer of a "
-                              f"vision transformer (a model with patch_embed and num_prefix_tokens)")
-        prefix, height, width = grid
-        if tensor.shape[1] - prefix != height * width:
-            raise ConfigError(f"layer '{layer}' outputs {tensor.shape[1]} tokens; {prefix} prefix token(s) and a {height}x{width} patch "
-                              f"grid make {prefix + height * width}: choose a layer that keeps every patch token")
-        return tensor[:, prefix:].reshape(tensor.shape[0], height, width, tensor.shape[2]).permute(0, 3, 1, 2)
-    if tensor.dim() != 4:
-        raise ConfigError(f"layer '{layer}' outputs shape {tuple(tensor.shape)}; Grad-CAM needs a [B,C,H,W] feature map (a convolutional layer)")
-    if layout == "auto":
-        nhwc = stage_channels is not None and tensor.shape[1] != stage_channels and tensor.shape[-1] == stage_channels
-        layout = "nhwc" if nhwc else "nchw"
-    return tensor.permute(0, 3, 1, 2) if layout == "nhwc" else tensor
+def feature_map(tensor: torch.Tensor, model, layer: str, input_size, layout: str) -> torch.Tensor:
+    """The layer's output (or its gradient) as ``[B,C,H,W]``, or a one-line refusal."""
+    maps = channels_first(tensor, model, layer, input_size, layout)
+    if maps.dim() != 4:
+        raise ConfigError(f"layer '{layer}' outputs shape {tuple(tensor.shape)}; Grad-CAM needs a [B,C,H,W] feature map "
+                          f"(a convolutional layer) or a vision transformer's tokens")
+    return maps
 
 
 class GradCam(AttributionMethod):
@@ -111,10 +92,9 @@ class GradCam(AttributionMethod):
     def compute(self, model, x, target, pixels):
         layer = self.config.layer or default_layer(model)
         activation, gradient = layer_activation_and_gradient(model, x, target, layer, self.name)
-        stage_channels = _stage_channels(model, layer)
-        grid = token_grid(model, x.shape[-2:]) if token_model(model) else None
-        activation = channels_first(activation, self.config.layout, stage_channels, layer, grid).float()
-        gradient = channels_first(gradient, self.config.layout, stage_channels, layer, grid).float()
+        layout = layout_of(activation, model, layer, x.shape[-2:], self.config.layout)
+        activation = feature_map(activation, model, layer, x.shape[-2:], layout).float()
+        gradient = feature_map(gradient, model, layer, x.shape[-2:], layout).float()
         weights = gradient.mean((2, 3), keepdim=True)  # alpha_k
         cam = (weights * activation).sum(1, keepdim=True)
         if self.config.relu:

@@ -14,8 +14,16 @@ crop each one's exact receptive field (``vizkit.probes.receptive_field``) from i
   and one summary grid (one row per channel, like the lecture's six pool5 neurons).
 
 ``channels``: ``top:N`` (the N channels whose best activation is highest, the default ``top:6``),
-``all``, or a list of channel indices. ``layer``: a feature map (``[B,C,H,W]``) layer's
-``named_modules`` name; by default the last stage in timm's ``feature_info``.
+``all``, or a list of channel indices. ``layer``: a feature map (``[B,C,H,W]``, or channels-last)
+layer's ``named_modules`` name; by default the deepest stage in timm's ``feature_info`` whose
+receptive field is at most 3/4 of the model's input side (``vizkit.probes.default_layers``), so that a
+patch is a part of the image (the embedded model's layer3: 71 px of 128; layer4 sees 167 px).
+
+On a vision transformer's token layer (``[B, prefix + H*W, C]``; ``vizkit.core.layouts``) a channel is
+an embedding dimension over the patch tokens, and each token's crop is its own patch (the patch
+embedding's receptive field): after the first attention every token's receptive field is the whole
+image, so the exact field would crop the whole image every time; the token's own patch is where its
+content entered the network and what the literature shows.
 """
 from __future__ import annotations
 
@@ -28,13 +36,14 @@ import torch
 from vizkit.core import pictures as render
 from vizkit.core.errors import ConfigError
 from vizkit.core.hooks import layer_output
+from vizkit.core.layouts import channels_first, layout_of
 from vizkit.methods.base import Inspection, InspectionMethod
 from vizkit.core.models import find_layer
 
 
 @dataclass
 class TopPatchesConfig:
-    layer: str = ""  # default: the backbone's last feature stage (timm's feature_info)
+    layer: str = ""  # default: the deepest feature stage whose receptive field is at most 3/4 of the input
     channels: Any = "top:6"  # top:N | all | [c1, c2, ...]
     k: int = 9  # patches per channel
     scale: int = 1  # nearest upscaling of each patch in the pictures
@@ -90,9 +99,9 @@ class TopPatches(InspectionMethod):
     def layer_name(self, model) -> str:
         if self.config.layer:
             return self.config.layer
-        from vizkit.core.models import default_layer
+        from vizkit.probes.default_layers import scan_layer
 
-        return default_layer(model)
+        return scan_layer(model)
 
     def check(self, model) -> None:
         find_layer(model, self.layer_name(model))
@@ -102,9 +111,11 @@ class TopPatches(InspectionMethod):
 
     def update(self, state, model, pixels, indices, space):
         name = self.layer_name(model)
-        activation = layer_output(model, space.from_pixels(pixels), find_layer(model, name), name)
+        output = layer_output(model, space.from_pixels(pixels), find_layer(model, name), name)
+        activation = channels_first(output, model, name, pixels.shape[-2:])
         if activation.dim() != 4:
-            raise ConfigError(f"layer '{name}' outputs shape {tuple(activation.shape[1:])}, not a [C,H,W] feature map; choose a convolutional layer")
+            raise ConfigError(f"layer '{name}' outputs shape {tuple(output.shape[1:])}, neither a [C,H,W] feature map nor a vision "
+                              f"transformer's tokens; choose a convolutional layer or a transformer block")
         batch, channels, height, width = activation.shape
         if state is None:  # the first batch: a listed channel the layer lacks is refused now, not after the scan
             self.chosen({"values": activation.new_zeros(channels, 1)})
@@ -143,7 +154,7 @@ class TopPatches(InspectionMethod):
             raise ConfigError("top_patches saw no images")
         name = self.layer_name(model)
         first = fetch(int(state["images"][0, 0]))
-        field = receptive_field(model, name, input_size=tuple(first.shape[-2:]))
+        field = receptive_field(model, self._field_layer(model, name, space, first), input_size=tuple(first.shape[-2:]))
         pictures, tags, records, rows = {}, {}, [], []
         for channel in self.chosen(state):
             patches, entries = [], []
@@ -163,6 +174,18 @@ class TopPatches(InspectionMethod):
         metrics = {"channels": len(records), "k": state["values"].shape[1], "receptive_field": field.size[0],
                    "mean_top_activation": float(np.mean([r["patches"][0]["value"] for r in records]))}
         return Inspection(pictures, tags, metrics, records)
+
+    def _field_layer(self, model, name: str, space, pixels: torch.Tensor) -> str:
+        """The layer whose receptive field crops the patches: the layer itself, or for a token layer the
+        patch embedding's convolution (each token's own patch; see the module's docstring)."""
+        with torch.no_grad():
+            output = layer_output(model, space.from_pixels(pixels[None].to(space.mean.device)), find_layer(model, name), name)
+        if layout_of(output, model, name, pixels.shape[-2:]) != "tokens":
+            return name
+        embedding = getattr(model.patch_embed, "proj", None)
+        if not isinstance(embedding, torch.nn.Conv2d):
+            raise ConfigError(f"top_patches: {type(model).__name__}'s patch embedding is not one convolution; its tokens' patches are unknown")
+        return next(n for n, m in model.named_modules() if m is embedding)
 
     def _picture(self, crop: torch.Tensor) -> np.ndarray:
         picture = render.to_uint8(crop)

@@ -74,8 +74,8 @@ class ClassModelProblem(Problem):
 
     def compute_loss(self, step):
         pixels = self.pixels()
-        x = self.normalize(pixels)
-        logits = self.model(self.normalize(self.transforms(pixels)) if self.transforms.specs else x)
+        x = self.model_input(pixels)
+        logits = self.model(self.model_input(self.transforms(pixels)) if self.transforms.specs else x)
         score = term_score(ClassTarget(self.indices), logits, {})  # the logit of each image's class
         penalty = self.config.l2 * l2(x)
         return (penalty - score).sum(), {"score": score.mean(), "l2": penalty.mean()}
@@ -84,7 +84,7 @@ class ClassModelProblem(Problem):
         yosinski = self.config.yosinski
         if yosinski.active:
             pixels = self.image.pixels
-            x = self.normalize(pixels.detach())
+            x = self.model_input(pixels.detach())
             gradient = None if pixels.grad is None else -pixels.grad * self.std  # ∂S/∂x, roughly (the loss's sign flipped)
             yosinski_step(x, gradient, step, yosinski)
             with torch.no_grad():
@@ -93,7 +93,7 @@ class ClassModelProblem(Problem):
 
     @torch.no_grad()
     def measure(self):
-        logits = self.model(self.normalize(self.pixels()))
+        logits = self.model(self.model_input(self.pixels()))
         probabilities = logits.float().softmax(1)
         rows = torch.arange(len(self.indices), device=logits.device)
         return {"probability": probabilities[rows, self.indices], "score": logits[rows, self.indices].float()}

@@ -24,7 +24,7 @@ line search needs the loss's true gradient). The image stays a valid picture by 
 after each step; that clamp is what bounds the dream (on the embedded model the gain levels off
 after ~130 steps at lr 0.03, the defaults: ‖a_layer3‖ grows 5.8 to 8.6 times on the sample images).
 
-``target``: ``layer:LAYER`` (the default, ``layer:layer3``: the embedded model's third stage), or
+``target``: ``layer:LAYER`` (the default: the stage before the model's last, ``layer:layer3`` on the embedded model), or
 ``channel:LAYER:C`` to dream one feature; a list sums them. One channel reacts far more sharply than
 a whole layer: at the default ``lr`` its first steps overshoot and can switch it off (measured on
 the embedded model), so give it ``lr`` ≈ 0.005. ``measure()`` reports ``score`` (the objective of
@@ -44,7 +44,9 @@ from vizkit.methods.base import OptimizationMethod
 from vizkit.optimize.loop import frozen
 from vizkit.optimize.objectives import Objective, parse_terms
 from vizkit.optimize.parameterization import make_image
-from vizkit.optimize.problem import OptimizationConfig, Problem
+from vizkit.core.models import accepted_input_size
+from vizkit.optimize.problem import OptimizationConfig, Problem, resized_to
+from vizkit.probes.default_layers import dream_layer
 
 MIN_OCTAVE_SIDE = 16  # pixels: below this a CNN's deeper layers see a point or less
 
@@ -119,13 +121,13 @@ class DeepDreamProblem(Problem):
         return pixels
 
     def compute_loss(self, step):
-        score, _, _ = self.objective.evaluate(self.model, self.normalize(self.view(step)))
+        score, _, _ = self.objective.evaluate(self.model, self.model_input(self.view(step)))
         score = score.float()
         return -score.sum(), {"score": score.mean()}
 
     @torch.no_grad()
     def measure(self):
-        score, _, _ = self.objective.evaluate(self.model, self.normalize(self.pixels()))
+        score, _, _ = self.objective.evaluate(self.model, self.model_input(self.pixels()))
         score = score.float()
         return {"score": score, "activation_gain": score / self.original_score}
 
@@ -135,8 +137,11 @@ class DeepDream(OptimizationMethod):
     description = "amplify what a layer sees in each input: gradient ascent with octaves and jitter (Mordvintsev et al. 2015)"
     Config = DeepDreamConfig
     target_kinds = frozenset({"layer", "channel"})
-    default_target = "layer:layer3"
+    default_target = "layer:STAGE"  # the stage before the model's last (vizkit.probes.default_layers): the embedded model's layer3
     needs_images = True
+
+    def default_target_for(self, model):
+        return f"layer:{dream_layer(model)}"
 
     def setup(self, model, target, images, pixels):
         config = self.config
@@ -154,6 +159,6 @@ class DeepDream(OptimizationMethod):
             )
         objective = Objective(terms)
         with torch.no_grad(), frozen(model):  # the baseline of activation_gain, in eval mode as the loop runs
-            original_score = objective.evaluate(model, pixels.from_pixels(images))[0].float()
+            original_score = objective.evaluate(model, pixels.from_pixels(resized_to(images, accepted_input_size(model, images.shape[-2:]))))[0].float()
         image = make_image("pixels", batch, height, width, init=images, device=images.device)
         return DeepDreamProblem(model, image, pixels, [""] * batch, objective, original_score, config).from_inputs([(row, "") for row in range(batch)])

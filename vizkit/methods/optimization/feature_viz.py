@@ -12,7 +12,10 @@ for a batch, a diversity term that pushes the images' Gram matrices apart.
 ``target``: ``channel:LAYER:C`` (the channel's mean activation), ``neuron:LAYER:C:Y:X``,
 ``layer:LAYER`` (mean squared activation), ``class:NAME``, or a list of targets / of
 ``{target, weight}`` mappings (a weighted sum, one forward for all of them). Defaults as lucent's
-``render_vis``: Adam, lr 0.05, 128 px, 256 steps here (lucent's default threshold is 512).
+``render_vis``: Adam, lr 0.05, 128 px, 256 steps here (lucent's default threshold is 512). A model
+that takes one input size only (ViT, Swin) gets images of that size, and what the transforms make of
+them is resized back to it (``Problem.model_input``). On a ViT block a channel is an embedding
+dimension, averaged over the patch tokens.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 
 from vizkit.core.errors import ConfigError
 from vizkit.methods.base import OptimizationMethod
-from vizkit.core.models import find_layer
+from vizkit.core.layouts import channels_first
+from vizkit.core.models import find_layer, fixed_input_size
 from vizkit.optimize.objectives import Objective, diversity, parse_terms
 from vizkit.optimize.parameterization import KINDS, make_image
 from vizkit.optimize.problem import OptimizationConfig, Problem
@@ -30,12 +34,15 @@ from vizkit.optimize.transforms import STANDARD, Transforms
 from vizkit.core.targets import ClassTarget
 
 
+DEFAULT_SIZE = 128
+
+
 @dataclass
 class FeatureVizConfig(OptimizationConfig):
     steps: int = 256
     lr: float = 0.05
     batch: int = 1  # images per run; with diversity > 0 they are pushed apart
-    size: int = 128  # image side in pixels (lucent's default); the model is convolutional
+    size: int = 0  # image side in pixels; 0: a fixed-input model's own size (ViT, Swin), else 128 (lucent's default)
     parameterization: str = "fourier"  # fourier (decorrelated colour) | pixels
     transforms: list[str] = field(default_factory=lambda: list(STANDARD))  # [] for none
     diversity: float = 0.0  # weight of the diversity term (needs batch > 1)
@@ -43,8 +50,8 @@ class FeatureVizConfig(OptimizationConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.batch < 1 or self.size < 8:
-            raise ConfigError(f"batch must be >= 1 and size >= 8, got batch={self.batch}, size={self.size}")
+        if self.batch < 1 or (self.size and self.size < 8) or self.size < 0:
+            raise ConfigError(f"batch must be >= 1 and size 0 (the model's) or >= 8, got batch={self.batch}, size={self.size}")
         if self.parameterization not in KINDS:
             raise ConfigError(f"parameterization must be one of {', '.join(KINDS)}, got '{self.parameterization}'")
         if self.diversity < 0:
@@ -61,18 +68,20 @@ class FeatureVizProblem(Problem):
         self.transforms = Transforms(list(config.transforms), seed=config.seed)
 
     def compute_loss(self, step):
-        score, activations, _ = self.objective.evaluate(self.model, self.normalize(self.transforms(self.pixels())))
+        x = self.model_input(self.transforms(self.pixels()))
+        score, activations, _ = self.objective.evaluate(self.model, x)
         parts = {"objective": score.mean()}
         total = -score.mean()
         if self.diversity_layer is not None:
-            similarity = diversity(activations[self.diversity_layer])
+            layer = self.diversity_layer
+            similarity = diversity(channels_first(activations[layer], self.model, layer, x.shape[-2:]))
             total = total + self.config.diversity * similarity
             parts["similarity"] = similarity
         return total, parts
 
     @torch.no_grad()
     def measure(self):
-        score, _, _ = self.objective.evaluate(self.model, self.normalize(self.pixels()))
+        score, _, _ = self.objective.evaluate(self.model, self.model_input(self.pixels()))
         return {"objective": score.float()}
 
 
@@ -98,7 +107,8 @@ class FeatureViz(OptimizationMethod):
             extra[diversity_layer] = find_layer(model, diversity_layer)
         objective = Objective(terms, extra)
         device = pixels.mean.device
-        image = make_image(config.parameterization, config.batch, config.size, config.size, seed=config.seed, device=device)
+        size = config.size or (fixed_input_size(model) or (DEFAULT_SIZE, DEFAULT_SIZE))[0]
+        image = make_image(config.parameterization, config.batch, size, size, seed=config.seed, device=device)
         label = str(objective).replace(":", "_").replace("*", "x").replace(" + ", "+")
         names = [label] if config.batch == 1 else [f"{label}_{i}" for i in range(config.batch)]
         return FeatureVizProblem(model, image, pixels, names, objective, config, diversity_layer)

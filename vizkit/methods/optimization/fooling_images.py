@@ -49,8 +49,8 @@ class FoolingImagesConfig(ClassModelConfig):
 class FoolingImagesProblem(ClassModelProblem):
     def compute_loss(self, step):
         pixels = self.pixels()
-        x = self.normalize(pixels)
-        logits = self.model(self.normalize(self.transforms(pixels)) if self.transforms.specs else x)
+        x = self.model_input(pixels)
+        logits = self.model(self.model_input(self.transforms(pixels)) if self.transforms.specs else x)
         log_probability = logits.float().log_softmax(1).gather(1, self.indices.view(-1, 1)).squeeze(1)
         penalty = self.config.l2 * l2(x)
         return (penalty - log_probability).sum(), {"log_probability": log_probability.mean(), "l2": penalty.mean()}

@@ -36,10 +36,11 @@ import torch
 from vizkit.core.errors import ConfigError
 from vizkit.core.hooks import layer_outputs
 from vizkit.methods.base import OptimizationMethod
-from vizkit.core.models import find_layer
+from vizkit.core.models import accepted_input_size, find_layer
 from vizkit.optimize.loop import frozen
 from vizkit.optimize.parameterization import make_image
-from vizkit.optimize.problem import OptimizationConfig, Problem
+from vizkit.optimize.problem import OptimizationConfig, Problem, resized_to
+from vizkit.probes.default_layers import first_activation
 from vizkit.optimize.regularizers import alpha_norm, total_variation
 
 INITS = ("noise", "gray")
@@ -50,9 +51,10 @@ NOISE_STD = 0.1  # of the "noise" init, in pixels around mid-gray: far from x0, 
 class InversionConfig(OptimizationConfig):
     steps: int = 200
     lr: float = 0.05  # Adam, in pixel units
-    # the embedded model's first ReLU (stem conv, BN, ReLU): ~0.03 relative error in 200 steps, where
-    # layer1 (after five convolutions) is still at ~0.2 (measured on the sample images)
-    layers: list[str] = field(default_factory=lambda: ["conv1.2"])
+    # []: the model's first nonlinearity (vizkit.probes.default_layers), the embedded model's conv1.2
+    # (stem conv, BN, ReLU): ~0.03 relative error in 200 steps, where its first stage act1 (after three
+    # convolutions) is at ~0.23 and layer1 ~0.2 (measured on the sample images)
+    layers: list[str] = field(default_factory=list)
     alpha: float = 6.0  # α of the α-norm prior (the paper's 6)
     alpha_weight: float = 0.05  # λ_α, on the normalized prior (see the module docstring)
     tv_beta: float = 2.0  # β of the total-variation prior (the paper's 2)
@@ -64,8 +66,8 @@ class InversionConfig(OptimizationConfig):
         if isinstance(self.layers, str):
             raise ConfigError(f"layers is a list of layer names, e.g. layers=[{self.layers}]")
         self.layers = list(self.layers)
-        if not self.layers or not all(isinstance(name, str) and name for name in self.layers):
-            raise ConfigError(f"layers must name at least one layer, e.g. layers=[conv1.2,layer1]; got {self.layers}")
+        if not all(isinstance(name, str) and name for name in self.layers):
+            raise ConfigError(f"layers must name layers, e.g. layers=[conv1.2,layer1] ([]: the model's first nonlinearity); got {self.layers}")
         repeated = sorted({name for name in self.layers if self.layers.count(name) > 1})
         if repeated:
             raise ConfigError(f"layers lists {', '.join(repeated)} more than once")
@@ -105,7 +107,7 @@ class InversionProblem(Problem):
         return torch.stack(errors, 1).flatten()  # [B, L] -> input-major rows
 
     def compute_loss(self, step):
-        x = self.normalize(self.pixels())
+        x = self.model_input(self.pixels())
         area = x.shape[-2] * x.shape[-1]
         feature = self.squared_errors(x)
         alpha = self.config.alpha_weight * alpha_norm(x / self.range, self.config.alpha) / area
@@ -114,7 +116,7 @@ class InversionProblem(Problem):
 
     @torch.no_grad()
     def measure(self):
-        return {"relative_error": self.squared_errors(self.normalize(self.pixels())).sqrt()}
+        return {"relative_error": self.squared_errors(self.model_input(self.pixels())).sqrt()}
 
 
 class Inversion(OptimizationMethod):
@@ -129,12 +131,14 @@ class Inversion(OptimizationMethod):
 
     def setup(self, model, target, images, pixels):
         config = self.config
-        modules = {name: find_layer(model, name) for name in config.layers}
+        x = pixels.from_pixels(resized_to(images, accepted_input_size(model, images.shape[-2:])))
+        with torch.no_grad(), frozen(model):  # Φ0 in eval mode (BatchNorm's running statistics), as the loop runs
+            layers = config.layers or [first_activation(model, x[:1])]
+            modules = {name: find_layer(model, name) for name in layers}
+            _, activations = layer_outputs(model, x, modules)
+            references = [activations[name].detach().float().clone() for name in modules]
         batch, _, height, width = images.shape
         layer_count = len(modules)
-        with torch.no_grad(), frozen(model):  # Φ0 in eval mode (BatchNorm's running statistics), as the loop runs
-            _, activations = layer_outputs(model, pixels.from_pixels(images), modules)
-            references = [activations[name].detach().float().clone() for name in modules]
         if config.init == "noise":
             generator = torch.Generator().manual_seed(config.seed)  # its own: the global RNG is untouched
             init = (0.5 + NOISE_STD * torch.randn(batch * layer_count, 3, height, width, generator=generator)).clamp(0, 1)

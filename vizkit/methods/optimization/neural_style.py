@@ -65,7 +65,9 @@ import torch
 from vizkit.core.errors import ConfigError, did_you_mean
 from vizkit.core.hooks import layer_outputs
 from vizkit.methods.base import OptimizationMethod
+from vizkit.core.layouts import channels_first
 from vizkit.core.models import find_layer
+from vizkit.probes.default_layers import content_layer, style_layers
 from vizkit.optimize.loop import frozen
 from vizkit.optimize.parameterization import make_image
 from vizkit.optimize.problem import OptimizationConfig, Problem
@@ -83,8 +85,8 @@ class NeuralStyleConfig(OptimizationConfig):
     lr: float = 1.0  # L-BFGS: its line search scales the step; Adam moves pixels by ~lr a step: use 0.03
     optimizer: str = "lbfgs"  # the paper's choice; adam works with more steps
     style: list[str] = field(default_factory=lambda: ["shapes:train:7"])  # paths, sample:NAME or shapes:SPLIT:INDEX; several: Gram targets averaged
-    content_layer: str = "layer2"
-    style_layers: list[str] = field(default_factory=lambda: ["act1", "layer1", "layer2", "layer3"])
+    content_layer: str = ""  # "": the model's middle feature stage (the embedded model's layer2)
+    style_layers: list[str] = field(default_factory=list)  # []: up to 4 stages over all but the last (act1, layer1, layer2, layer3)
     content_weight: float = 1.0  # α
     style_weight: float = 100.0  # β, shared equally by the style layers
     tv_weight: float = 0.0  # γ, on the mean squared pixel difference between neighbours
@@ -96,10 +98,6 @@ class NeuralStyleConfig(OptimizationConfig):
         self.style_layers = [self.style_layers] if isinstance(self.style_layers, str) else list(self.style_layers)
         if not self.style:
             raise ConfigError("style needs at least one style image: a path, sample:NAME or shapes:SPLIT:INDEX")
-        if not self.style_layers:
-            raise ConfigError("style_layers needs at least one layer name (e.g. [act1,layer1,layer2,layer3])")
-        if not self.content_layer:
-            raise ConfigError("content_layer must name a layer (e.g. layer2)")
         for name in ("content_weight", "style_weight", "tv_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and value < float("inf")):
@@ -178,11 +176,13 @@ def gram(features: torch.Tensor) -> torch.Tensor:
 
 
 class NeuralStyleProblem(Problem):
-    def __init__(self, model, image, pixels, names, config: NeuralStyleConfig, content: torch.Tensor, style: torch.Tensor) -> None:
+    def __init__(self, model, image, pixels, names, config: NeuralStyleConfig, content: torch.Tensor, style: torch.Tensor,
+                 content_layer: str, style_layers: list[str]) -> None:
         super().__init__(model, image, pixels, names)
         self.config = config
+        self.content_layer, self.style_layers = content_layer, list(style_layers)
         modules = dict(model.named_modules())
-        self.layers = {name: modules[name] for name in dict.fromkeys([config.content_layer, *config.style_layers])}
+        self.layers = {name: modules[name] for name in dict.fromkeys([content_layer, *style_layers])}
         with torch.no_grad(), frozen(model):
             content_features, _ = self.features(content)
             _, style_grams = self.features(style)
@@ -196,11 +196,14 @@ class NeuralStyleProblem(Problem):
 
     def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the content layer's features, the style layers' Gram matrices) from one forward."""
-        _, outputs = layer_outputs(self.model, self.normalize(pixels), self.layers)
-        for name, output in outputs.items():
+        x = self.model_input(pixels)
+        _, outputs = layer_outputs(self.model, x, self.layers)
+        maps = {name: channels_first(output, self.model, name, x.shape[-2:]) for name, output in outputs.items()}
+        for name, output in maps.items():
             if output.dim() != 4:
-                raise ConfigError(f"neural_style: layer '{name}' outputs shape {list(output.shape)}, not a feature map [B,C,H,W]; choose a convolutional layer")
-        return outputs[self.config.content_layer].float(), [gram(outputs[name]) for name in self.config.style_layers]
+                raise ConfigError(f"neural_style: layer '{name}' outputs shape {list(outputs[name].shape)}, neither a feature map "
+                                  f"[B,C,H,W] nor a vision transformer's tokens; choose a convolutional layer or a transformer block")
+        return maps[self.content_layer].float(), [gram(maps[name]) for name in self.style_layers]
 
     def losses(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-image (name -> [B]) content and style losses, and the total variation."""
@@ -245,9 +248,13 @@ class NeuralStyle(OptimizationMethod):
     Config = NeuralStyleConfig
     needs_images = True
 
+    def layers(self, model) -> tuple[str, list[str]]:
+        """(the content layer, the style layers): the config's, or the model's defaults (``vizkit.probes.default_layers``)."""
+        return self.config.content_layer or content_layer(model), list(self.config.style_layers) or style_layers(model)
+
     def check(self, model):
-        config = self.config
-        for field_name, layer in [("content_layer", config.content_layer), *(("style_layers", name) for name in config.style_layers)]:
+        content, styles = self.layers(model)
+        for field_name, layer in [("content_layer", content), *(("style_layers", name) for name in styles)]:
             try:
                 find_layer(model, layer)
             except ConfigError as error:
@@ -267,4 +274,5 @@ class NeuralStyle(OptimizationMethod):
             init = torch.rand(images.shape, generator=generator).to(device)
         batch, _, height, width = images.shape
         image = make_image("pixels", batch, height, width, init=init, device=device)
-        return NeuralStyleProblem(model, image, pixels, [""] * batch, config, images, styles).from_inputs([(row, "") for row in range(batch)])
+        return NeuralStyleProblem(model, image, pixels, [""] * batch, config, images, styles, *self.layers(model)).from_inputs(
+            [(row, "") for row in range(batch)])
