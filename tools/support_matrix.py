@@ -1,9 +1,11 @@
-"""The README's support matrix, measured: every built-in attribution method on every timm family.
+"""The README's support matrix, measured: every built-in method on every timm family.
 
 Each method runs on every architecture of a family (timm's own tiny ``test_*`` models and a few real
-ones, random weights, small inputs). A cell says what happened there:
+ones, random weights, small inputs): an attribution method with cheap fields (few steps, a coarse
+occlusion), the others with their defaults but for fewer steps. A cell says what happened there:
 
-    works                 a finite map of the input's size, not all zero, on every architecture
+    works                 a finite map of the input's size, not all zero, on every architecture (the
+                          other families: finite images, adversarial inputs or pictures)
     works (N)             the same, with a definition that differs from the paper's (note N says how)
     refused (N)           a one-line ConfigError on every architecture (note N is its reason)
     works on …; refused … some of each
@@ -120,16 +122,61 @@ def measure(families: dict[str, list[tuple[str, dict]]] = FAMILIES, on_model=Non
     """Every method on every model. ``on_model(name, model, state)`` after each model's methods, with
     its state dict from before them (the tests check there that the model was left as it was)."""
     outcomes = []
-    names = methods()
+    attribution, others = methods(), other_methods()
     for family, members in families.items():
         for name, kwargs in members:
             model = make_model(name, kwargs)
             state = {key: value.clone() for key, value in model.state_dict().items()} if on_model else None
-            mine = [run_cell(family, name, model, method) for method in names]
+            mine = [run_cell(family, name, model, method) for method in attribution]
+            mine += [Outcome(family, name, method, run_defaults(name, model, method)) for method in others]
             if on_model is not None:
                 on_model(name, model, state)
             outcomes += mine
     return outcomes
+
+
+# the other families with their defaults, only fewer steps: the matrix asks whether the defaults run
+QUICK = {"class_model": {"steps": 1}, "feature_viz": {"steps": 1}, "inversion": {"steps": 1}, "deep_dream": {"steps": 3},
+         "neural_style": {"steps": 1}, "fooling_images": {"steps": 1}, "pgd": {"steps": 1}, "deepfool": {"steps": 1},
+         "top_patches": {"k": 1}}
+
+
+def other_methods() -> list[str]:
+    """vizkit's own optimization, adversarial and inspection methods."""
+    from vizkit.methods.registry import discover
+
+    return sorted(name for name, entry in discover().items() if entry.kind != "attribution" and entry.distribution.split()[0] == "vizkit")
+
+
+def run_defaults(name: str, model: torch.nn.Module, method: str) -> str | None:
+    """One optimization, adversarial or inspection method with its defaults (fewer steps) on one model:
+    None when it gave finite images, or its one-line refusal; anything else raises."""
+    import vizkit
+    from vizkit.core.errors import ConfigError
+    from vizkit.core.models import accepted_input_size
+    from vizkit.methods.base import AdversarialMethod, InspectionMethod
+    from vizkit.probes.default_layers import dream_layer
+
+    height, width = accepted_input_size(model, (SIZE, SIZE))
+    pixels = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(2))
+    created = vizkit.create_method(method, **QUICK.get(method, {}))
+    try:
+        if isinstance(created, InspectionMethod):
+            pictures = list(created.inspect(model, pixels if created.needs_data else None, **MEAN_STD).pictures.values())
+            outputs = [torch.as_tensor(picture).float() for picture in pictures]
+        elif isinstance(created, AdversarialMethod):
+            outputs = [created.attack(model, (pixels - 0.5) / 0.5, **MEAN_STD)]
+        else:  # feature_viz has no default target: the channel 0 of the layer Deep Dream would pick
+            target = f"channel:{dream_layer(model)}:0" if method == "feature_viz" else None
+            outputs = [created.optimize(model, target, pixels if created.needs_images else None, **MEAN_STD).images]
+    except ConfigError as error:
+        message = str(error).replace(type(model).__name__, "the model")
+        if not message or "\n" in message:
+            raise AssertionError(f"{method} on {name}: a refusal must be one line, got {message!r}") from error
+        return message
+    if not outputs or not all(o.numel() and torch.isfinite(o).all() for o in outputs):
+        raise AssertionError(f"{method} on {name}: no output, or not finite")
+    return None
 
 
 def render(outcomes: list[Outcome]) -> str:
@@ -159,7 +206,8 @@ def render(outcomes: list[Outcome]) -> str:
         rows.append(f"| `{method}` | " + " | ".join(cells) + " |")
     members = "; ".join(f"{family}: {', '.join(name for name, _ in FAMILIES.get(family, []))}" for family in families)
     listed = [f"{number}. {text}" for text, number in notes.items()]
-    return "\n".join(rows + ["", f"Measured on (random weights, {SIZE} px or the model's fixed size): {members}.", ""] + listed)
+    return "\n".join(rows + ["", f"Measured on (random weights, {SIZE} px or the model's fixed size; attribution with cheap fields, "
+                      f"the others with their defaults in fewer steps): {members}.", ""] + listed)
 
 
 def readme_table(text: str) -> str:

@@ -7,6 +7,7 @@ a position in that list, or a property of the forward, so that it exists on any 
     gradcam      the last stage (a ViT: the last block's norm1; ``vizkit.core.models.default_layer``)
     inversion    the network's first nonlinearity (Mahendran & Vedaldi's relu1: the code closest to
                  the pixels that is still a feature): the first activation module the forward runs
+                 once on a feature map (not an SE gate), else the first stage
     deep_dream   the stage before the last (Mordvintsev et al. dream at a high but not the top layer)
     neural_style content: the middle stage; style: up to four stages spread over all but the last
                  (Gatys et al.: conv4_2 for content, relu1_1 … relu5_1 for style)
@@ -26,7 +27,7 @@ from torch import nn
 
 from vizkit.core.errors import ConfigError
 from vizkit.core.hooks import evaluating
-from vizkit.core.models import data_config, default_layer, token_model
+from vizkit.core.models import data_config, default_layer, fixed_input_size, token_model
 
 # leaf activation modules by class name, lower case: torch's and timm's own (timm.layers.activations)
 ACTIVATIONS = frozenset({
@@ -48,34 +49,32 @@ def feature_stages(model: nn.Module) -> list[str]:
     return stages
 
 
-class _Found(Exception):
-    pass
-
-
 def first_activation(model: nn.Module, x: torch.Tensor) -> str:
-    """The name of the first activation module the forward of ``x`` runs."""
-    found: list[str] = []
+    """The name of the first activation module the forward of ``x`` runs whose output is a feature map
+    of the input (batch-major, more than one position) and that runs once (a module shared by several
+    places has no one output to invert); a squeeze-excitation gate or a position-bias MLP is not one.
+    A model with none (its activations inside its norms: EvoNorm) gets its first feature stage."""
+    probe = x[:1].expand(2, *x.shape[1:])  # batch 2: a batch-major output is told from a table of positions
+    calls: dict[str, int] = {}
+    maps: set[str] = set()
 
     def hook(name: str):
-        def record(*_):
-            found.append(name)
-            raise _Found  # nothing after it is needed
+        def record(_module, _inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(output, torch.Tensor) and output.dim() >= 3 and output.shape[0] == 2 and output[0].numel() > output.shape[1]:
+                maps.add(name)
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules()
                if name and not any(module.children()) and type(module).__name__.lower() in ACTIVATIONS]
     try:
         with torch.no_grad(), evaluating(model):
-            model(x)
-    except _Found:
-        pass
+            model(probe)
     finally:
         for handle in handles:
             handle.remove()
-    if not found:
-        raise ConfigError(f"{type(model).__name__} runs no activation module ({', '.join(sorted(ACTIVATIONS))}); "
-                          f"name the layers to invert with method.layers=[NAME] (vizkit-layers MODEL lists them)")
-    return found[0]
+    found = [name for name, count in calls.items() if count == 1 and name in maps]  # in call order
+    return found[0] if found else feature_stages(model)[0]
 
 
 def dream_layer(model: nn.Module) -> str:
@@ -106,7 +105,7 @@ def scan_layer(model: nn.Module) -> str:
     else:
         from vizkit.probes.receptive_field import receptive_field
 
-        side = min(int(s) for s in data_config(model)["input_size"][-2:])
+        side = min(fixed_input_size(model) or [int(s) for s in data_config(model)["input_size"][-2:]])
         stages = feature_stages(model)
         chosen, traced, failure = None, False, None
         for stage in reversed(stages):  # deepest first: the first that fits is the answer
