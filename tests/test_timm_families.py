@@ -145,3 +145,19 @@ def test_adversarial_methods_move_a_vit_and_a_convnext_within_their_budget(name)
             losses = [torch.nn.functional.cross_entropy(model((p - 0.5) / 0.5), clean) for p in (pixels, adversarial)]
         assert losses[1] > losses[0], method  # away from the clean prediction
     assert_untouched(model, state)
+
+
+def test_a_vit_run_with_metrics_on_its_grad_cam_maps(compose, tmp_path):
+    """What builds on the Grad-CAM machinery works on a ViT as on a CNN: a streamed data-set run, the
+    maps' metrics, guided Grad-CAM."""
+    from vizkit.cli.app import run
+
+    common = ("model.name=test_vit", "model.pretrained=false", "data=shapes", "data.count=2")
+    results = run(compose(*common, "method=gradcam", "metrics=[deletion,pointing_game,mask_energy]",
+                          "metrics.deletion.steps=4"), tmp_path / "gradcam")
+    assert len(results["inputs"]) == 2
+    for record in results["inputs"]:
+        assert set(record["metrics"]) == {"deletion", "pointing_game", "mask_energy"}
+        assert all(0 <= value <= 1 for value in record["metrics"].values())
+    guided = run(compose(*common, "method=guided_gradcam"), tmp_path / "guided")
+    assert len(guided["inputs"]) == 2 and (tmp_path / "guided" / "results.json").exists()
