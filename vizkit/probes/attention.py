@@ -39,10 +39,10 @@ class _AttentionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
+        query, key = _query_key(*args, **kwargs)  # the call's own, positional or by name
         if not self.gradients and self.reduce is not None:
             # every block's maps are computed in one reused buffer: only what reduce keeps is new memory
             # (allocating and freeing [B, heads, N, N] per block cost the forward ~10 % in page faults)
-            query, key = _query_key(*args, **kwargs)  # the call's own, positional or by name
             shape = (2, *query.shape[:-1], key.shape[-2])
             if self.buffer is None or self.buffer.shape != shape or self.buffer.device != query.device:
                 self.buffer = torch.empty(shape, dtype=torch.float32, device=query.device)  # the logits, the probabilities
@@ -51,7 +51,6 @@ class _AttentionMode(TorchFunctionMode):
         else:
             probabilities = _probabilities(*args, **kwargs, differentiable=self.gradients)
             self.maps.append(probabilities)
-        query, _ = _query_key(*args, **kwargs)
         return (probabilities @ _values(probabilities, *args, **kwargs)).to(query.dtype)
 
 
@@ -91,7 +90,8 @@ def _probabilities(query, key, value=None, attn_mask=None, dropout_p=0.0, is_cau
 def attention_maps(reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[list[torch.Tensor]]:
     """Within the block, every attention's probabilities ``[B, heads, N, N]`` are appended to the list;
     ``reduce`` (e.g. a fusion of the heads) is applied to each as it is read, so that only what it
-    keeps is held until the forward ends."""
+    keeps is held until the forward ends; it must return new memory, not a view (the maps it is given
+    live in a buffer the next block overwrites)."""
     mode = _AttentionMode(reduce=reduce)
     with mode:
         yield mode.maps
