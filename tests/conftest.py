@@ -24,7 +24,7 @@ class Run:
     def run_dir(self) -> Path:
         for line in self.stdout.splitlines():
             if " -> " in line and line.startswith("vizkit:"):
-                return Path(line.split(" -> ", 1)[1].strip())
+                return Path(line.rsplit(" -> ", 1)[1].strip())
         raise AssertionError(f"no run directory in output:\n{self.stdout}\n{self.stderr}")
 
     @property

@@ -230,7 +230,7 @@ def test_chunks_give_the_images_one_batch_gives(embedded, pixels):
 
 
 def test_a_run_in_chunks_says_so_and_writes_every_image(vizkit_cli):
-    run = vizkit_cli("method=class_model", "method.steps=3", "method.chunk_size=4", "trainer.progress_bar=false")
+    run = vizkit_cli("method=class_model", "method.steps=3", "method.chunk_size=4", "image_checkpoint=true", "trainer.progress_bar=false")
     assert run.returncode == 0, run.stderr
     assert "class_model: optimizing 6 image(s) in 2 chunks of up to 4" in run.stdout + run.stderr
     results = run.results

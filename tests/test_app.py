@@ -6,6 +6,8 @@ import json
 import pytest
 from conftest import hparams_in, images_in
 
+from vizkit.core.pictures import strip_height
+
 from vizkit.core.models import embedded_card
 
 
@@ -24,16 +26,17 @@ def test_default_run_explains_the_embedded_samples(vizkit_cli):
     for record in results["inputs"]:
         assert (run_dir / record["png"]).is_file()
         assert len(record["top5"]) == 5 and record["top5"][0]["name"] in classes
-        assert record["target"] == {"kind": "class", "index": record["top5"][0]["index"], "name": record["top5"][0]["name"]}
+        assert record["target"] == {"kind": "class", "index": record["top5"][0]["index"], "name": record["top5"][0]["name"],
+                                    "probability": record["top5"][0]["probability"]}
         # the embedded model recognizes its own sample images
         assert record["top5"][0]["name"] == record["name"].split("_")[0]
     assert set(results["timings"]) >= {"method_seconds", "run_seconds", "model_load_seconds"}
     assert "metrics" in results
     tags = images_in(run_dir)
-    for record in results["inputs"]:  # TensorBoard shows the very picture on disk: input | map | overlay
-        (event,) = tags[f"saliency/{record['name']}"]
+    for record in results["inputs"]:  # TensorBoard shows the very picture on disk: a caption over input | map | overlay
+        (event,) = tags[f"{record['name']}/panel"]
         assert event.encoded_image_string == (run_dir / record["png"]).read_bytes()
-        assert (event.width, event.height) == (3 * 128 + 2 * 4, 128)  # the embedded model reads 128 px
+        assert (event.width, event.height) == (3 * 128 + 2 * 4, 128 + strip_height(1))  # the embedded model reads 128 px
 
 
 def test_method_config_is_logged_as_hparams(vizkit_cli):
@@ -115,7 +118,9 @@ def test_a_refused_job_does_not_stop_the_sweep(vizkit_cli):
     assert both.returncode == 0, both.stderr[-2000:]
     assert "attention_rollout explains vision transformers" in both.stderr and "Traceback" not in both.stderr
     (sweep_dir,) = (both.cwd / "outputs" / "multirun").glob("*/*")
-    assert json_.loads((sweep_dir / "0_attention_rollout" / ".vizkit-run").read_text())["status"] == "failed"
+    (failure,) = [json_.loads(line) for line in (sweep_dir / "failures.jsonl").read_text().splitlines()]
+    assert failure["job"] == "0_attention_rollout" and failure["method"] == "attention_rollout" and "vision transformers" in failure["error"]
+    assert not (sweep_dir / "0_attention_rollout").exists()  # it wrote nothing: no empty run for TensorBoard to list
     assert (sweep_dir / "1_saliency" / "results.json").is_file()
     alone = vizkit_cli("-m", "method=attention_rollout", "trainer.progress_bar=false")
     assert alone.returncode == 2 and "explains vision transformers" in alone.stderr

@@ -184,7 +184,9 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_broken_archive(tmp_path):
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
     assert "vizkit: error: File too large" in completed.stderr and f"what was written before is kept in {run_dir}" in completed.stderr
-    assert not (run_dir / "maps.npz").exists() and not (run_dir / "results.json").exists()  # nothing half-written under a real name
+    assert not (run_dir / "maps.npz").exists()  # nothing half-written under a real name
+    results = json.loads((run_dir / "results.json").read_text())  # what was written, and why the run failed
+    assert results["status"] == "failed" and "File too large" in results["error"] and "images/" in " ".join(results["written"])
     assert json.loads((run_dir / ".vizkit-run").read_text())["status"] == "failed"
 
 

@@ -21,6 +21,7 @@ from vizkit.core.errors import ConfigError
 from vizkit.methods.base import Inspection, InspectionMethod
 
 GAP = 4  # render.grid's white gap between kernels
+LABEL = render.strip_height(1)  # the strip under each kernel holding its index
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +30,12 @@ def resnet18():
 
 
 def kernel_at(grid: np.ndarray, index: int, count: int, size: tuple[int, int]) -> np.ndarray:
-    """Kernel ``index``'s tile in a row-major grid of ``count`` tiles, ⌈√count⌉ columns."""
+    """Kernel ``index``'s tile in a row-major grid of ``count`` labelled tiles, ⌈√count⌉ columns."""
     columns = math.ceil(math.sqrt(count))
     row, column = divmod(index, columns)
     height, width = size
-    return grid[row * (height + GAP): row * (height + GAP) + height, column * (width + GAP): column * (width + GAP) + width]
+    top = row * (height + LABEL + GAP)
+    return grid[top: top + height, column * (width + GAP): column * (width + GAP) + width]
 
 
 def upscaled(values: torch.Tensor, scale: int) -> np.ndarray:
@@ -50,7 +52,7 @@ def test_first_conv_is_one_rgb_grid_of_its_min_max_normalized_kernels(model_name
     grid = inspection.pictures[name]
     columns = math.ceil(math.sqrt(filters))
     tile = 3 * kernel
-    assert grid.dtype == np.uint8 and grid.shape == (math.ceil(filters / columns) * (tile + GAP) - GAP, columns * (tile + GAP) - GAP, 3)
+    assert grid.dtype == np.uint8 and grid.shape == (math.ceil(filters / columns) * (tile + LABEL + GAP) - GAP, columns * (tile + GAP) - GAP, 3)
     weight = dict(model.named_modules())[layer].weight.detach().float()
     index = filters - 3  # one kernel, checked pixel for pixel: (w - min) / (max - min) over its 3 colours
     expected = (weight[index] - weight[index].min()) / (weight[index].max() - weight[index].min())
@@ -123,7 +125,7 @@ def test_bad_fields_are_refused(fields, message):
 def test_filters_run_writes_pictures_scalars_and_hparams(vizkit_cli):
     run = vizkit_cli("method=filters", "method.normalize=layer", "trainer.progress_bar=false")
     assert run.returncode == 0, run.stderr
-    assert "filters: 1 picture(s), cpu ->" in run.stdout
+    assert "filters: 1 picture(s), cpu: filters 16, " in run.stdout  # then what it measured
     results = run.results
     assert results["method"] == {"name": "filters", "kind": "inspection",
                                  "config": {"layer": "", "scale": 8, "normalize": "layer", "max_channels": 16}}
@@ -132,14 +134,14 @@ def test_filters_run_writes_pictures_scalars_and_hparams(vizkit_cli):
     assert results["records"][0]["layer"] == "conv1.0" and results["records"][0]["weight_scale"] > 0
     (event,) = images_in(run.run_dir)["filters/conv1.0/rgb|normalize=layer"]
     assert event.encoded_image_string == (run.run_dir / "images/conv1.0_rgb.png").read_bytes()  # encoded once, shown twice
-    assert (event.height, event.width) == (4 * 24 + 3 * GAP,) * 2
+    assert (event.height, event.width) == (4 * (24 + LABEL) + 3 * GAP, 4 * 24 + 3 * GAP)
     scalars = set()
     for events in (run.run_dir / "tensorboard").glob("events.out.tfevents.*"):
         scalars |= set(read_events(events).Tags()["scalars"])
     assert {"metrics/filters", "metrics/weight_std", "metrics/kernel_height"} <= scalars
     hparams = hparams_in(run.run_dir)
     assert "method.normalize" in hparams["_hparams_/session_start_info"].decode("latin-1")
-    assert "hparams/weight_std" in hparams["_hparams_/experiment"].decode("latin-1")
+    assert not {tag for tag in scalars if tag.startswith("hparams/")}  # one scalar per figure
 
 
 def test_bad_layer_fails_the_command_with_the_closest_convolution(vizkit_cli):
@@ -205,7 +207,7 @@ def test_scan_streams_the_data_set_through_the_trainer(compose, tmp_path, embedd
     assert results["metrics"]["first_mean_pixel"] == pytest.approx(float(pixels[0].mean()))  # fetch gives the pixels back
     assert results["pictures"] == [{"name": "mean", "png": "images/mean.png", "tag": "mean_image/mean"}]  # the default tag
     np.testing.assert_array_equal(images_in(tmp_path)["mean_image/mean"][0].encoded_image_string, (tmp_path / "images/mean.png").read_bytes())
-    assert "hparams/count" in hparams_in(tmp_path)["_hparams_/experiment"].decode("latin-1")
+    assert "method.label" in hparams_in(tmp_path)["_hparams_/session_start_info"].decode("latin-1")
     assert not list(tmp_path.glob(".inspect-rank*.pt"))
 
 

@@ -290,7 +290,7 @@ def test_inversion_through_the_vizkit_command(vizkit_cli):
     assert (run.run_dir / "images" / "grid.png").is_file()
     tags = images_in(run.run_dir)
     for name in names:
-        assert [event.step for event in tags[f"inversion/{name}"]] == [0, 2, 4]
+        assert [event.step for event in tags[f"{name}/image"]] == [0, 2, 4]
 
 
 def test_deep_dream_through_the_vizkit_command(vizkit_cli):
@@ -307,6 +307,6 @@ def test_deep_dream_through_the_vizkit_command(vizkit_cli):
     assert results["metrics"]["activation_gain"] > 1
     tags = images_in(run.run_dir)
     for name in names:
-        events = tags[f"deep_dream/{name}"]
+        events = tags[f"{name}/image"]
         assert [event.step for event in events] == [0, 2, 4]
         assert events[0].encoded_image_string != events[-1].encoded_image_string  # the dream formed

@@ -188,5 +188,5 @@ def test_neural_style_run_writes_metrics_and_images(vizkit_cli):
     assert metrics["loss_style_last"] < metrics["loss_style_first"]
     tags = images_in(run.run_dir)
     assert [image["name"] for image in results["images"]][:2] == ["circle_16", "cross_5"]  # the inputs' names
-    assert [event.step for event in tags["neural_style/circle_16"]] == [0, 2, 4]
-    assert len([tag for tag in tags if tag.startswith("neural_style/")]) == 6
+    assert [event.step for event in tags["circle_16/image"]] == [0, 2, 4]
+    assert len([tag for tag in tags if tag.endswith("/image")]) == 6

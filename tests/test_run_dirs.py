@@ -137,13 +137,29 @@ def test_two_runs_pinned_to_one_directory_at_once_one_is_refused(tmp_path):
     assert len(writers_of(tmp_path / "shared")) == 1  # every event file is one process's: nothing mixed in
 
 
-def test_a_failed_run_says_so_in_its_marker(vizkit_cli, tmp_path):
+def test_a_run_that_fails_before_writing_anything_leaves_no_directory(vizkit_cli, tmp_path):
+    """It failed in its stream (no input could be read): nothing of its own was written, so nothing
+    is left for TensorBoard to list as an empty run; a directory the user made stays, emptied."""
     (tmp_path / "broken.png").write_bytes(b"not a png")
     run = vizkit_cli(f"hydra.run.dir={tmp_path / 'failed'}", "data=images", f"data.paths=[{tmp_path / 'broken.png'}]")
-    assert run.returncode == 2 and "none of the 1 input(s) could be read" in run.stderr
-    state = marker(tmp_path / "failed")
-    assert state["status"] == "failed" and "could be read" in state["error"]
-    assert_refused(vizkit_cli(f"hydra.run.dir={tmp_path / 'failed'}"), "already holds an earlier vizkit run (failed)")
+    assert run.returncode == 2 and "none of the 1 input(s) could be read" in run.stderr and "was removed" in run.stderr
+    assert not (tmp_path / "failed").exists()
+    (tmp_path / "mine").mkdir()
+    run = vizkit_cli(f"hydra.run.dir={tmp_path / 'mine'}", "target=class:nonesuch")
+    assert run.returncode == 2 and "nonesuch" in run.stderr and "was emptied" in run.stderr
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def test_a_run_that_fails_after_writing_keeps_it_and_says_why(tmp_path):
+    from vizkit.cli.run_dirs import claim, settle_failed
+
+    run_dir = claim(tmp_path / "run", pinned=True)
+    (run_dir / "images").mkdir()
+    (run_dir / "images" / "cat.png").write_bytes(b"a picture")
+    assert settle_failed(run_dir, "the disk is full") == ""
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results == {"status": "failed", "error": "the disk is full", "written": ["images/cat.png"]}
+    assert marker(run_dir)["status"] == "failed"
 
 
 # --------------------------------------------------------------------------------------------- signals
@@ -175,7 +191,7 @@ def test_a_signal_mid_run_writes_what_finished_and_exits_with_its_code(tmp_path,
 
 def test_an_interrupted_optimization_keeps_its_images_and_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    process = _start([f"hydra.run.dir={run_dir}", "method=class_model", "method.steps=100000", "trainer.progress_bar=false"], tmp_path)
+    process = _start([f"hydra.run.dir={run_dir}", "method=class_model", "method.steps=100000", "image_checkpoint=true", "trainer.progress_bar=false"], tmp_path)
     _wait_for(lambda: any((run_dir / "tensorboard").glob("*.images")) if (run_dir / "tensorboard").is_dir() else False, process)
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)

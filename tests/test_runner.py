@@ -45,7 +45,7 @@ def test_any_timm_model_on_user_images(compose, tmp_path):
     results = run(compose("model.name=test_resnet", "model.num_classes=7", "data=images", f"data.paths=[{folder}]", "method=guided_backprop"), tmp_path / "run")
     assert [r["name"] for r in results["inputs"]] == ["p0", "p1", "p2"]
     assert results["model"]["data_config"]["input_size"] == [3, 160, 160]  # from timm's data config
-    assert sorted(images_in(tmp_path / "run")) == ["guided_backprop/p0", "guided_backprop/p1", "guided_backprop/p2"]
+    assert sorted(images_in(tmp_path / "run")) == ["p0/panel", "p1/panel", "p2/panel"]
     assert all(len(r["top5"]) == 5 and r["top5"][0]["name"] == str(r["top5"][0]["index"]) for r in results["inputs"])
 
 

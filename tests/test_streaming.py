@@ -157,7 +157,7 @@ def test_attribution_over_an_imagefolder(compose, tmp_path):
     with np.load(run_dir / "maps.npz") as maps:
         assert sorted(maps.files) == sorted(r["name"] for r in records)
     tags = images_in(run_dir)  # the first 5 inputs by input order go to TensorBoard: circle/broken.jpg is one of them
-    assert sorted(tags) == sorted(f"gradcam/{r['name']}" for r in records[:4])
+    assert sorted(tags) == sorted(f"{r['name']}/panel" for r in records[:4])
 
 
 def test_a_cli_scan_reports_each_unreadable_file_and_the_count(vizkit_cli, tmp_path):

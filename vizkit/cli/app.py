@@ -74,6 +74,10 @@ def setup() -> None:
     )
     if not OmegaConf.has_resolver("vizkit_asset"):
         OmegaConf.register_new_resolver("vizkit_asset", lambda name: str(ASSETS_DIR / name))
+    if not OmegaConf.has_resolver("vizkit_run_name"):  # a sweep's job directory: 3_pgd_eps=2⁄255
+        from vizkit.cli.sweep_review import run_name
+
+        OmegaConf.register_new_resolver("vizkit_run_name", run_name)
     if not OmegaConf.has_resolver("vizkit_methods"):  # "a,b,c": a sweep over the methods of one kind
         OmegaConf.register_new_resolver("vizkit_methods", lambda kind: ",".join(registry.names_of_kind(kind)))
 
@@ -133,15 +137,18 @@ def _main(cfg: DictConfig) -> None:
 
     run_dir = _run_dir()
     run_dirs.claim_job_dir(run_dir)  # a multirun's job; a single run claimed its directory before Hydra wrote into it
+    if not run_dirs.is_secondary_rank():  # before any progress: a long run can be watched while it goes
+        print(f"vizkit: writing to {run_dir}; watch with: tensorboard --logdir {_review_dir(run_dir)}", flush=True)  # user-facing
     with interrupt.graceful():
         try:
             results = run(cfg, run_dir)
         except BaseException as error:
             message = _explained(error, run_dir)
-            run_dirs.mark(run_dir, "failed", message or f"{type(error).__name__}: {error}")
+            settled = run_dirs.settle_failed(run_dir, message or f"{type(error).__name__}: {error}",
+                                             _review_dir(run_dir) if _in_multirun() else None)
             if message is None:  # not the user's doing: the traceback is the report
                 raise
-            print(f"vizkit: error: {message}", file=sys.stderr)  # user-facing
+            print(f"vizkit: error: {message}" + (f" ({settled})" if settled else ""), file=sys.stderr)  # user-facing
             if _in_multirun():  # one job refused (a method that does not apply to the model): the sweep goes on
                 _JOBS["failed"] += 1
                 return
@@ -151,7 +158,7 @@ def _main(cfg: DictConfig) -> None:
         return
     _JOBS["finished"] += 1
     run_dirs.mark(run_dir, "finished" if signum is None else "interrupted")
-    print(f"vizkit: {report(results)} -> {run_dir}")  # user-facing
+    print(f"vizkit: {report(results)} -> {run_dir}", flush=True)  # user-facing
     print(f"vizkit: review with: tensorboard --logdir {_review_dir(run_dir)}")  # user-facing
     if signum is not None:
         said = "what finished is written above, results.json says status 'interrupted'"

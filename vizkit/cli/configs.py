@@ -18,10 +18,12 @@ from typing import Any
 from vizkit.core.data import DATA_KINDS, data_source
 from vizkit.core.errors import ConfigError, did_you_mean
 from vizkit.core.models import ModelConfig
+from vizkit.core.pictures import Render
 from vizkit.run.settings import RunSettings, TrainerConfig
 
 GROUPS = ("model", "data", "method", "metrics", "trainer")  # the config groups; the other top-level fields are RunSettings'
 TOP_LEVEL = tuple(field.name for field in dataclasses.fields(RunSettings) if field.name not in GROUPS)
+NESTED = {"render": Render}  # top-level fields that hold fields of their own: render.cmap=viridis
 
 
 def schema(cls: type, name: str | None = None, extra: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> type:
@@ -32,6 +34,9 @@ def schema(cls: type, name: str | None = None, extra: tuple[str, ...] = (), skip
         if field.name in skip:
             continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if dataclasses.is_dataclass(default):  # a nested group of fields (render.*): a schema of its own, every field Any too
+            fields.append((field.name, Any, dataclasses.field(default_factory=schema(type(default)))))
+            continue
         fields.append((field.name, Any, dataclasses.field(default=default)))
     fields += [(name, Any, dataclasses.field(default=None)) for name in extra]
     return dataclasses.make_dataclass(name or f"{cls.__name__}Schema", fields)
@@ -129,7 +134,8 @@ def run_settings(cfg: Any) -> RunSettings:
         data=data_source(values.get("data") or {"kind": "images"}),
         trainer=_typed(TrainerConfig, values.get("trainer") or {}, "trainer"),
         metrics=metrics,
-        **{name: values[name] for name in TOP_LEVEL if name in values},
+        **{name: values[name] for name in TOP_LEVEL if name in values and name not in NESTED},
+        **{name: _typed(cls, values.get(name) or {}, name) for name, cls in NESTED.items()},
     )
 
 

@@ -31,10 +31,14 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 @dataclass
 class History:
-    """The loss and its parts at every step (the last evaluation of each step)."""
+    """The loss and its parts at every step (the last evaluation of each step), per image as
+    ``Problem.per_image`` reports them: ``total`` the mean of the images' losses, each part a mean over
+    the images; a batch of one image and a batch of its copies read the same. ``images``: how many
+    images the numbers are over (what a chunk weighs when chunks are joined)."""
 
     steps: list[int] = field(default_factory=list)
     losses: dict[str, list[float]] = field(default_factory=dict)
+    images: int = 1
 
     def add(self, step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         if self.steps and self.steps[-1] == step:  # L-BFGS evaluated this step again
@@ -76,32 +80,37 @@ def join(parts: list[Optimized]) -> Optimized:
 
 
 def join_histories(histories: list[History]) -> History:
-    """The chunks' loss histories as one: at each step the sum of the totals, the mean of the parts
-    (which are means over a chunk's images), up to the shortest chunk."""
+    """The chunks' loss histories as one, up to the shortest chunk: at each step the mean of the chunks'
+    numbers weighted by their images (each is a mean over its chunk's images), what one batch of them
+    all would report."""
     if len(histories) == 1:
         return histories[0]
-    joined = History()
+    weights = [history.images for history in histories]
+    joined = History(images=sum(weights))
     steps = min(len(history.steps) for history in histories)
     joined.steps = histories[0].steps[:steps]
     for name in histories[0].losses:
         columns = [history.losses[name][:steps] for history in histories]
-        combine = sum if name == "total" else (lambda values: sum(values) / len(values))
-        joined.losses[name] = [combine(values) for values in zip(*columns)]
+        joined.losses[name] = [sum(weight * value for weight, value in zip(weights, values)) / joined.images for values in zip(*columns)]
     return joined
 
 
 def run_steps(problem: Problem, config: OptimizationConfig, on_step: Callable[[int, Problem], None] | None = None) -> Optimized:
     """``config.steps`` optimizer steps on ``problem`` in plain torch. A diverged loss ends the loop
     early with the images as they were; ``stopped`` says why."""
-    history = History()
+    history = History(images=len(problem.names))
     optimizer = make_optimizer(config.optimizer, problem.trainable(), config.lr)
     stopped = None
+
+    def record(step: int) -> Callable:
+        return lambda total, parts: history.add(step, *problem.per_image(total, parts))
+
     with frozen(problem.model):
         if on_step is not None:
             on_step(0, problem)
         for step in range(1, config.steps + 1):
             try:
-                optimizer.step(closure_for(problem, optimizer, step, config.max_loss, lambda total, parts: history.add(step, total, parts)))
+                optimizer.step(closure_for(problem, optimizer, step, config.max_loss, record(step)))
             except Diverged as error:
                 stopped = str(error)
                 break

@@ -68,6 +68,10 @@ class Problem(nn.Module):
     ``grid_columns``: how a run lays a batch out in ``images/grid.png`` (None: about square)."""
 
     grid_columns: int | None = None
+    # what ``compute_loss``'s total is over the batch: the "sum" of the images' losses (each image's
+    # gradient is then its own loss's, whatever the batch) or their "mean" (a total with a term of the
+    # whole batch: feature_viz's diversity); ``per_image`` reads it
+    total_over_batch: str = "sum"
     # for a method that starts from input images: each image's (input row, part), the part naming what
     # of the input it shows beyond the input itself ("" for one image per input; inversion: the layer)
     origins: list[tuple[int, str]] | None = None
@@ -106,10 +110,23 @@ class Problem(nn.Module):
         return (resized_to(pixels, accepted_input_size(self.model, pixels.shape[-2:])) - self.mean) / self.std
 
     def compute_loss(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the scalar to minimize, named parts of it as scalars for the loss curves)."""
+        """(the scalar to minimize, named parts of it as scalars for the loss curves): the total as
+        ``total_over_batch`` says, each part a mean over the images (or a number of the whole batch)."""
         raise NotImplementedError
 
+    def per_image(self, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What a run reports of a loss, detached: the total per image (the mean of the images' losses,
+        whatever ``total_over_batch``) and the parts as they are (means over the images). The
+        optimizer's own loss is ``total`` unchanged: reporting it per image moves no pixel, and a batch of
+        copies of one problem reports what one of them does."""
+        total = total.detach()
+        if self.total_over_batch == "sum":
+            total = total / len(self.names)
+        return total, {name: value.detach() for name, value in parts.items()}
+
     def loss(self, step: int, max_loss: float = float("inf")) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``compute_loss``, checked: ``max_loss`` bounds the total the optimizer minimizes (as computed, not
+        per image), so a batch stops where it always did."""
         total, parts = self.compute_loss(step)
         value = float(total.detach())
         if not torch.isfinite(total.detach()) or abs(value) > max_loss:

@@ -17,26 +17,30 @@ IMAGE_EVENTS_SUFFIX = ".images"  # ends the name of the event file that holds th
 _EVENT_FILES = itertools.count()  # distinguishes image event files of one process started in the same second
 
 
-def image_record(tag: str, picture: np.ndarray, step: int = 0, encoded: bytes | None = None) -> bytes:
+def image_record(tag: str, picture: np.ndarray, step: int = 0, encoded: bytes | None = None, description: str = "") -> bytes:
     """One TensorBoard image event framed as a TFRecord; ``encoded``: the picture's PNG bytes when
-    they already exist (encoded here otherwise)."""
+    they already exist (encoded here otherwise); ``description``: what TensorBoard shows under the
+    card's title for this run (markdown), e.g. the target explained and its probability."""
     from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 
     height, width = picture.shape[:2]
     channels = picture.shape[2] if picture.ndim == 3 else 1
     image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png(picture) if encoded is None else encoded)
-    event = Event(wall_time=time.time(), step=step, summary=Summary(value=[Summary.Value(tag=tag, image=image)]))
+    value = Summary.Value(tag=tag, image=image)
+    if description:
+        value.metadata.CopyFrom(SummaryMetadata(summary_description=description))
+    event = Event(wall_time=time.time(), step=step, summary=Summary(value=[value]))
     return tf_record(event.SerializeToString())
 
 
-class ImageEventFile:
-    """A TensorBoard event file of its own for the pictures, next to the logger's. Named as
-    TensorBoard's writer names its files (``events.out.tfevents.TIME.HOST.PID.N``), ending in
-    ``.images``; created on the first write."""
+class EventFile:
+    """A TensorBoard event file of vizkit's own, next to the logger's: the pictures (``.images``), a
+    run's HParams session, a sweep's experiment. Named as TensorBoard's writer names its files
+    (``events.out.tfevents.TIME.HOST.PID.N``), ending in ``suffix``; created on the first write."""
 
-    def __init__(self, log_dir: Path) -> None:
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILES)}{IMAGE_EVENTS_SUFFIX}"
+    def __init__(self, log_dir: Path, suffix: str = IMAGE_EVENTS_SUFFIX) -> None:
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILES)}{suffix}"
         self.path = log_dir / name
         self.file: BinaryIO | None = None
 
@@ -54,6 +58,12 @@ class ImageEventFile:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+    def __enter__(self) -> "EventFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def tf_record(data: bytes) -> bytes:

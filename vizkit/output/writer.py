@@ -1,10 +1,11 @@
 """What a run leaves behind, inside Hydra's run directory:
 
     .hydra/            the composed config (written by Hydra)
-    tensorboard/       event files: one picture per input tagged METHOD/INPUT, scalars, hparams
-    images/INPUT.png   the same picture: input | map | overlay, side by side
+    tensorboard/       event files: one picture per input tagged INPUT/panel, scalars, the HParams session
+    images/INPUT.png   the same picture: a caption over input | map | overlay, side by side
     maps.npz           the raw maps, by input name
     results.json       predictions, targets, metrics, timings
+    results.csv        one row per input: its name, target, prediction, metrics
 
 Nothing is ever overwritten: a directory that already holds results is refused.
 
@@ -15,7 +16,12 @@ TensorBoard's writer checksums every record with a pure-Python CRC-32C holding t
 event file of its own in the same TensorBoard directory, framed here with Google's C CRC-32C
 (TensorBoard merges the event files of a directory). One panel costs half of the four encodes it
 replaced (three TensorBoard images and the panel) and shows the same pixels in both places. Scalars
-and hparams still go through the logger's writer.
+still go through the logger's writer.
+
+Tags name what is shown (``INPUT/panel``), never the method or a setting: TensorBoard compares runs
+within one card, so the same input of a sweep over methods or over ε lines up, one run per row. What
+differs between runs (the target and its probability, the method, a perturbation's amplification)
+goes into the picture's caption and the image's description.
 """
 from __future__ import annotations
 
@@ -28,13 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vizkit.core import pictures as render
+from vizkit.core import pictures
 from vizkit.core.errors import VizkitError
 from vizkit.output.archive import MapArchive
-from vizkit.output.events import ImageEventFile, image_record
+from vizkit.output.events import EventFile, image_record
 from vizkit.output.png import png
 
 RESULTS = "results.json"
+RESULTS_CSV = "results.csv"  # one row per input, for a spreadsheet or pandas
 MAPS = "maps.npz"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -54,50 +61,57 @@ class RunWriter:
     to maps.npz (``adopt_rank_maps``) before it writes the results.
     """
 
-    def __init__(self, run_dir: Path, method_name: str, writer: Any, log_dir: Path | None = None, rank: int = 0) -> None:
+    def __init__(self, run_dir: Path, method_name: str, writer: Any, log_dir: Path | None = None, rank: int = 0,
+                 render: pictures.Render | None = None) -> None:
         self.run_dir = run_dir
         self.method_name = method_name
+        self.render = render or pictures.Render()
         self.writer = writer
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.rank = rank
         self.maps = MapArchive(run_dir / (MAPS if rank == 0 else f".maps-rank{rank}.npz"))
-        self.image_events: ImageEventFile | None = None
+        self.image_events: EventFile | None = None
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
 
-    def add_attribution(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor) -> str:
+    def add_attribution(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor, caption: str = "") -> str:
         """Log one input's map; returns the PNG's path relative to the run directory."""
-        return self.add_attributions([(name, pixels, attribution)])[0]
+        return self.add_attributions([(name, pixels, attribution, caption)])[0]
 
-    def _render(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor, tag: bool) -> tuple[str, bytes, np.ndarray]:
-        """Draw one input's panel, encode it once, write it to disk; returns the panel's relative path,
-        its TensorBoard record (the same PNG bytes; empty when ``tag`` is false) and the map."""
-        heat = render.colorize(attribution)
-        picture = render.panel([render.to_uint8(pixels), heat, render.overlay(pixels, attribution, heat=heat)])
+    def _render(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor, caption: str, tag: bool) -> tuple[str, bytes, np.ndarray]:
+        """Draw one input's panel (``caption`` above it), encode it once, write it to disk; returns the
+        panel's relative path, its TensorBoard record (the same PNG bytes; empty when ``tag`` is
+        false) and the map."""
+        heat, overlay = pictures.heat_and_overlay(pixels, attribution, self.render)
+        picture = pictures.panel([pictures.to_uint8(pixels), heat, overlay])
+        if caption:
+            picture = pictures.caption(picture, [caption])
         encoded = png(picture)
         relative = f"images/{name}.png"
         with open(self.run_dir / relative, "xb") as file:  # never replace an earlier picture
             file.write(encoded)
-        record = image_record(f"{self.method_name}/{name}", picture, encoded=encoded) if tag else b""
+        record = image_record(f"{name}/panel", picture, encoded=encoded, description=caption) if tag else b""
         return relative, record, attribution.float().cpu().numpy()
 
-    def add_attributions(self, items: list[tuple[str, torch.Tensor, torch.Tensor]], tensorboard: list[bool] | None = None) -> list[str]:
-        """``add_attribution`` for many inputs at once, rendered in parallel (zlib and numpy release
-        the GIL), the TensorBoard records written in input order; ``tensorboard``: which of them
-        also become TensorBoard images (all by default; every one is on disk)."""
+    def add_attributions(self, items: list[tuple[str, torch.Tensor, torch.Tensor, str]], tensorboard: list[bool] | None = None) -> list[str]:
+        """``add_attribution`` for many inputs ``(name, pixels, map, caption)`` at once, rendered in
+        parallel (zlib and numpy release the GIL), the TensorBoard records written in input order;
+        ``tensorboard``: which of them also become TensorBoard images (all by default; every one is on disk)."""
         tags = tensorboard or [True] * len(items)
         workers = max(1, min(len(items), os.cpu_count() or 1, 8))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             rendered = list(pool.map(lambda item: self._render(*item[0], item[1]), zip(items, tags)))
-        for (name, _, _), (_, _, attribution) in zip(items, rendered):
+        for (name, *_), (_, _, attribution) in zip(items, rendered):
             self.maps.add(name, attribution)
         self._write_events(b"".join(record for _, record, _ in rendered))
         return [relative for relative, _, _ in rendered]
 
-    def add_image_batch(self, names: list[str], pixels: torch.Tensor, step: int) -> None:
-        """A batch of images (pixels [B,3,H,W] in [0, 1]) at one optimization step, tagged METHOD/NAME:
+    def add_image_batch(self, names: list[str], pixels: torch.Tensor, step: int, descriptions: list[str] | None = None) -> None:
+        """A batch of images (pixels [B,3,H,W] in [0, 1]) at one optimization step, tagged NAME/image:
         TensorBoard's step slider then shows each image forming."""
-        pictures = [render.to_uint8(image) for image in pixels]
-        self._events().write(b"".join(image_record(f"{self.method_name}/{name}", picture, step=step) for name, picture in zip(names, pictures)))
+        shown = [pictures.to_uint8(image) for image in pixels]
+        descriptions = descriptions or [""] * len(names)
+        self._events().write(b"".join(image_record(f"{name}/image", picture, step=step, description=description)
+                                      for name, picture, description in zip(names, shown, descriptions)))
 
     def save_picture(self, name: str, picture: np.ndarray) -> str:
         """A picture as images/NAME.png; returns its path relative to the run directory."""
@@ -106,29 +120,32 @@ class RunWriter:
             file.write(png(picture))
         return relative
 
-    def add_picture(self, name: str, tag: str, picture: np.ndarray) -> str:
+    def add_picture(self, name: str, tag: str, picture: np.ndarray, description: str = "") -> str:
         """A picture encoded once, written as images/NAME.png and as the TensorBoard image TAG;
         returns the path relative to the run directory."""
         encoded = png(picture)
         relative = f"images/{name}.png"
         with open(self.run_dir / relative, "xb") as file:  # never replace an earlier picture
             file.write(encoded)
-        self._events().write(image_record(tag, picture, encoded=encoded))
+        self._events().write(image_record(tag, picture, encoded=encoded, description=description))
         return relative
 
-    def add_panels(self, items: list[tuple[str, str, list[np.ndarray]]], tensorboard: list[bool] | None = None) -> list[str]:
-        """Pictures side by side, one panel per item ``(name, tag, pictures)``: encoded once (in
-        parallel), written as images/NAME.png and (``tensorboard``: which; all by default) as the
-        TensorBoard image TAG; returns the paths."""
+    def add_panels(self, items: list[tuple[str, str, list[np.ndarray], str]], tensorboard: list[bool] | None = None) -> list[str]:
+        """Pictures side by side, one panel per item ``(name, tag, pictures, caption)`` (the caption
+        above them, and the image's description): encoded once (in parallel), written as
+        images/NAME.png and (``tensorboard``: which; all by default) as the TensorBoard image TAG;
+        returns the paths."""
 
-        def encode(item: tuple[tuple[str, str, list[np.ndarray]], bool]) -> tuple[str, bytes]:
-            (name, tag, pictures), to_tensorboard = item
-            picture = render.panel(pictures)
+        def encode(item: tuple[tuple[str, str, list[np.ndarray], str], bool]) -> tuple[str, bytes]:
+            (name, tag, parts, caption), to_tensorboard = item
+            picture = pictures.panel(parts)
+            if caption:
+                picture = pictures.caption(picture, [caption])
             encoded = png(picture)
             relative = f"images/{name}.png"
             with open(self.run_dir / relative, "xb") as file:  # never replace an earlier picture
                 file.write(encoded)
-            return relative, image_record(tag, picture, encoded=encoded) if to_tensorboard else b""
+            return relative, image_record(tag, picture, encoded=encoded, description=caption) if to_tensorboard else b""
 
         with ThreadPoolExecutor(max_workers=max(1, min(len(items), os.cpu_count() or 1, 8))) as pool:
             encoded = list(pool.map(encode, zip(items, tensorboard or [True] * len(items))))
@@ -139,9 +156,9 @@ class RunWriter:
         if records:
             self._events().write(records)
 
-    def _events(self) -> "ImageEventFile":
+    def _events(self) -> "EventFile":
         if self.image_events is None:
-            self.image_events = ImageEventFile(self.log_dir if self.log_dir is not None else Path(self.writer.get_logdir()))
+            self.image_events = EventFile(self.log_dir if self.log_dir is not None else Path(self.writer.get_logdir()))
         return self.image_events
 
     def end_rank(self) -> None:
@@ -160,18 +177,37 @@ class RunWriter:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
-    def finish(self, results: dict[str, Any]) -> Path:
-        """results.json, with the run's ``status`` first: ``finished``, or ``interrupted`` when a
-        signal stopped the run early (what finished is in it)."""
+    def finish(self, results: dict[str, Any], rows: list[dict[str, Any]] | None = None, failed: bool = False) -> Path:
+        """results.csv (``rows``: one per input) and results.json, with the run's ``status`` first:
+        ``finished``, ``interrupted`` when a signal stopped the run early (what finished is in it), or
+        ``failed`` (what was done before is in it, ``error`` says why)."""
         from vizkit.core import interrupt
 
         self.maps.close()
-        results["status"] = "interrupted" if interrupt.received() is not None else "finished"
+        results["status"] = "failed" if failed else "interrupted" if interrupt.received() is not None else "finished"
+        if rows:
+            write_csv_once(self.run_dir / RESULTS_CSV, rows)
         path = write_json_once(self.run_dir / RESULTS, {"status": results["status"], **results})
         if self.image_events is not None:
             self.image_events.close()
         self.writer.flush()
         return path
+
+
+def write_csv_once(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """``rows`` as CSV at ``path`` (which must not exist), the columns in first-seen order: rows
+    that lack a column leave it empty."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    with open(path, "x", newline="") as file:  # never replaces an earlier run's
+        file.write(text.getvalue())
+    return path
 
 
 def write_json_once(path: Path, value: Any) -> Path:

@@ -9,8 +9,9 @@ success, and the perturbation's L∞, L2 and L0 norms in pixel units. Per run (`
 scalars and HParams): clean accuracy, robust accuracy (adversarial prediction = label), success rate
 (untargeted: the share of correctly classified inputs whose prediction the attack changed; targeted:
 the share of inputs that reach the target), mean and max norms. Pictures: clean | adversarial |
-perturbation, the last amplified for viewing around mid-gray, the factor in the TensorBoard tag
-(``METHOD/INPUT/clean|adversarial|perturbation_x16``) and in ``results.json``.
+perturbation, the last amplified for viewing around mid-gray, tagged ``INPUT/panel`` (the same card
+for every run of an ε sweep); the caption over it and the image's description say the clean and the
+adversarial prediction and the amplification factor, which ``results.json`` also holds.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from vizkit.core.targets import parse_target, resolve_spec
 from vizkit.methods.adversarial.budget import perturbation_norms
 from vizkit.methods.base import AdversarialMethod
 from vizkit.output.writer import RunWriter
-from vizkit.run.family import FamilyRun, Summary, top5
+from vizkit.run.family import FamilyRun, Summary, flat_row, top5
 from vizkit.run.stream import stream
 from vizkit.run.trainer import pixel_task, timed_with_grad
 
@@ -82,7 +83,8 @@ class AdversarialRun(FamilyRun):
     def execute(self) -> bool:
         pixels = PixelSpace.from_stats(self.model_data["mean"], self.model_data["std"])
         task = attack_task(self.model, self.method, pixels, [entry.label for entry in self.inputs.entries], self.target_class)
-        self.streamed = stream(self.settings.trainer, self.settings.data, self.run_dir, task, self.inputs, self.method.name, self.consume)
+        self.streamed = stream(self.settings.trainer, self.settings.data, self.run_dir, task, self.inputs, self.method.name, self.consume,
+                               render=self.settings.render)
         self.clock.mark("computed")
         self.trainer, self.logger, self.writer = self.streamed.trainer, self.streamed.logger, self.streamed.writer
         return self.streamed.on_rank_zero
@@ -112,9 +114,12 @@ class AdversarialRun(FamilyRun):
                 "amplification": factor,
                 "seconds": batch["seconds"] / len(indices),
             }
-            panels.append((entry.name, f"{self.method.name}/{entry.name}/clean|adversarial|perturbation_x{factor:g}",
+            clean, adversarial = records[index]["clean_top5"][0], records[index]["adversarial_top5"][0]
+            records[index]["caption"] = (f"{clean['name']} p={clean['probability']:.2f} -> {adversarial['name']} p={adversarial['probability']:.2f}"
+                                         f" · {self.method.name} · clean | adversarial | perturbation x{factor:g}")
+            panels.append((entry.name, f"{entry.name}/panel",
                            [pictures.to_uint8(batch["clean_pixels"][row]), pictures.to_uint8(batch["pixels"][row]),
-                            pictures.to_uint8((0.5 + factor * delta).clamp(0, 1))]))
+                            pictures.to_uint8((0.5 + factor * delta).clamp(0, 1))], records[index]["caption"]))
         for index, relative in zip(indices, writer.add_panels(panels, tensorboard=[index < to_tensorboard for index in indices])):
             records[index]["png"] = relative
         return records
@@ -131,12 +136,23 @@ class AdversarialRun(FamilyRun):
                      "method_seconds": method_seconds, "predict_seconds": clock.between("read", "computed"),
                      "seconds_per_input": method_seconds / max(len(records), 1)},
             hparams={"target": str(self.spec), "data": str(self.settings.data.kind), "inputs": len(records)},
+            rows=[_row(record) for record in records],
         )
 
     @staticmethod
     def report(results: dict[str, Any]) -> str:
         skipped = f" ({len(results['skipped'])} unreadable skipped)" if results.get("skipped") else ""
         return f"{results['method']['name']} on {len(results['inputs'])} input(s){skipped}, {results['device']}"
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    """One input's results.csv row: its label, the clean and the adversarial prediction, success, norms."""
+    clean, adversarial = record["clean_top5"][0], record["adversarial_top5"][0]
+    return {"name": record["name"], "source": record["source"], "label": record["label"], "label_name": record["label_name"],
+            "label_source": record["label_source"], "clean": clean["name"], "clean_probability": clean["probability"],
+            "adversarial": adversarial["name"], "adversarial_probability": adversarial["probability"],
+            **flat_row({key: record[key] for key in ("clean_correct", "adversarial_correct", "success", "target", "norms")}),
+            "amplification": record["amplification"], "seconds": record["seconds"], "png": record["png"]}
 
 
 def _amplification(linf: float) -> float:

@@ -1,7 +1,8 @@
 """An attribution run: the method, then the metrics, per batch of a streamed ``Trainer.predict``.
 
-Per input (results.json -> inputs): top-5, the target explained, the picture (input | map | overlay,
-``images/INPUT.png`` and the TensorBoard image ``METHOD/INPUT``), the method's details and every
+Per input (results.json -> inputs, results.csv): top-5, the target explained and its probability, the
+picture (input | map | overlay under a caption naming the target, its probability and the method:
+``images/INPUT.png`` and the TensorBoard image ``INPUT/panel``), the method's details and every
 metric; the maps go to maps.npz. Per run: means of metrics and details, metric curves, timings.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from vizkit.core.targets import ClassTarget, PredictedClassTarget, TargetSpec, p
 from vizkit.methods.base import AttributionMethod
 from vizkit.metrics.base import Metric, MetricInputs
 from vizkit.output.writer import RunWriter
-from vizkit.run.family import FamilyRun, Summary, top5
+from vizkit.run.family import FamilyRun, Summary, flat_row, top5
 from vizkit.run.stream import stream
 from vizkit.run.trainer import pixel_task, timed_with_grad
 
@@ -98,7 +99,8 @@ class AttributionRun(FamilyRun):
     def execute(self) -> bool:
         pixels = PixelSpace.from_stats(self.model_data["mean"], self.model_data["std"])
         task = attribution_task(self.model, self.method, self.spec, pixels, self.metrics)
-        self.streamed = stream(self.settings.trainer, self.settings.data, self.run_dir, task, self.inputs, self.method.name, self.consume)
+        self.streamed = stream(self.settings.trainer, self.settings.data, self.run_dir, task, self.inputs, self.method.name, self.consume,
+                               render=self.settings.render)
         self.clock.mark("computed")
         self.trainer, self.logger, self.writer = self.streamed.trainer, self.streamed.logger, self.streamed.writer
         return self.streamed.on_rank_zero
@@ -108,7 +110,9 @@ class AttributionRun(FamilyRun):
         names, to_tensorboard = self.names, self.settings.pictures_to_tensorboard
         indices = batch["indices"].tolist()
         entries = [self.inputs.entries[index] for index in indices]
-        pngs = writer.add_attributions([(entry.name, batch["pixels"][row], batch["maps"][row]) for row, entry in enumerate(entries)],
+        targets = [_target_record(batch, row, names) for row in range(len(indices))]
+        captions = [f"{_target_caption(target)} · {self.method.name}" for target in targets]
+        pngs = writer.add_attributions([(entry.name, batch["pixels"][row], batch["maps"][row], captions[row]) for row, entry in enumerate(entries)],
                                        tensorboard=[index < to_tensorboard for index in indices])
         per_input = batch["seconds"] / len(indices)
         metric_seconds = batch["metric_seconds"] / len(indices)
@@ -118,7 +122,8 @@ class AttributionRun(FamilyRun):
             "label": entry.label,
             "label_name": class_label(names, entry.label) if entry.label is not None else None,
             "top5": top5(batch["probabilities"][row], names),
-            "target": _target_record(batch, row, names),
+            "target": targets[row],
+            "caption": captions[row],
             "png": png,
             "seconds": per_input,
             "metric_seconds": metric_seconds,
@@ -159,8 +164,8 @@ class AttributionRun(FamilyRun):
             },
             hparams={"target": str(self.spec), "data": str(self.settings.data.kind), "inputs": len(records),
                      "metrics": ",".join(m.name for m in self.metrics)},
-            scalars={f"{self.method.name}/seconds_per_input": seconds_per_input},
-            hparam_metrics={"hparams/seconds_per_input": seconds_per_input},
+            scalars={"timing/seconds_per_input": seconds_per_input},
+            rows=[_row(record) for record in records],
         )
 
     @staticmethod
@@ -172,8 +177,25 @@ class AttributionRun(FamilyRun):
 def _target_record(batch: dict[str, Any], row: int, names: list[str] | None) -> dict[str, Any]:
     if batch["target_kind"] == "class":
         index = int(batch["target_indices"][row])
-        return {"kind": "class", "index": index, "name": class_label(names, index)}
+        return {"kind": "class", "index": index, "name": class_label(names, index), "probability": float(batch["probabilities"][row][index])}
     return {"kind": batch["target_kind"], "spec": batch["target_spec"]}
+
+
+def _target_caption(target: dict[str, Any]) -> str:
+    """``star (class 3) p=0.972``, or the channel/neuron/layer target's spec."""
+    if target["kind"] != "class":
+        return str(target["spec"])
+    named = f"{target['name']} (class {target['index']})" if str(target["name"]) != str(target["index"]) else f"class {target['index']}"
+    return f"{named} p={target['probability']:.3f}"
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    """One input's results.csv row: what it is, what the model said, what was explained, every metric."""
+    top = record["top5"][0]
+    return {"name": record["name"], "source": record["source"], "label": record["label"], "label_name": record["label_name"],
+            "predicted": top["index"], "predicted_name": top["name"], "predicted_probability": top["probability"],
+            **flat_row({"target": record["target"], "metrics": record["metrics"], "details": record["details"]}),
+            "seconds": record["seconds"], "png": record["png"]}
 
 
 def _means(records: list[dict[str, Any]]) -> dict[str, float]:

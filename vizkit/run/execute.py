@@ -51,9 +51,31 @@ def execute(settings: RunSettings, run_dir: Path) -> dict[str, Any] | None:
 
 
 def report(results: dict[str, Any]) -> str:
-    """The line the command prints for a finished run: what ran, on how much, where."""
+    """The line the command prints for a finished run: what ran, on how much, where, and what it
+    measured (accuracy, metric means, robust accuracy, completeness error, losses...)."""
     kind = results["method"]["kind"]
     by_kind = {family.method_base.kind: family for family in FAMILIES}
     if kind not in by_kind:
         raise ConfigError(f"results of an unknown kind '{kind}'; kinds: {', '.join(KINDS)}")
-    return by_kind[kind].report(results)
+    measured = measured_line(results.get("metrics") or {})
+    return by_kind[kind].report(results) + (f": {measured}" if measured else "")
+
+
+SHOWN_FIGURES = 10  # a run's summary stays one readable line; results.json and results.csv hold every figure
+
+
+def measured_line(metrics: dict[str, Any]) -> str:
+    """``top1_accuracy 1, deletion 0.123, loss total 41.2 -> 3.05``: a run's figures in one line,
+    an optimization's first and last loss as one item."""
+    items, seen = [], set()
+    for name, value in metrics.items():
+        if not isinstance(value, (int, float)) or name in seen:
+            continue
+        if name.startswith("loss_") and name.endswith("_first") and f"{name[:-6]}_last" in metrics:
+            last = f"{name[:-6]}_last"
+            seen.add(last)
+            items.append(f"loss {name[5:-6]} {value:.4g} -> {metrics[last]:.4g}")
+        else:
+            items.append(f"{name} {value:.4g}")
+    shown = ", ".join(items[:SHOWN_FIGURES])
+    return shown + (f" (+{len(items) - SHOWN_FIGURES} more in results.json)" if len(items) > SHOWN_FIGURES else "")

@@ -6,7 +6,8 @@ A run of any family goes through the same four stages, driven by ``vizkit.run.ex
     execute()    a streamed ``Trainer.predict`` over the inputs, or a ``Trainer.fit``; False on the
                  secondary ranks of a multi-device run (rank 0 writes the summary)
     summarize()  the family's records and figures as a ``Summary``
-    end()        (shared, here) scalars, HParams, the results header, results.json, the logger
+    end()        (shared, here) scalars, the HParams session, the results header, results.json and
+                 results.csv (one row per input: ``FamilyRun.table``), the logger
 
 A family is chosen by the method's base class (``FamilyRun.method_base``), never by a string.
 """
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from vizkit.core.models import class_names, data_config
+from vizkit.output.hparams import write_session
 from vizkit.run.settings import RunSettings
 
 
@@ -29,6 +31,7 @@ class Clock:
 
     def __init__(self) -> None:
         self.marks: dict[str, float] = {"started": time.perf_counter()}
+        self.wall_started = time.time()
 
     def mark(self, name: str) -> float:
         self.marks[name] = time.perf_counter()
@@ -47,9 +50,10 @@ class Summary:
 
     ``fields``: results.json's entries between the shared header and ``timings`` (the family's
     records, its ``metrics``...); ``metrics``: the run's figures, also TensorBoard scalars
-    ``metrics/NAME`` and HParams metrics ``hparams/NAME``; ``hparams``: HParams beyond the method,
-    its fields and the model; ``scalars``/``hparam_metrics``: more of each; ``stopped``: why an
-    optimization stopped early (the run is written, then this is raised)."""
+    ``metrics/NAME`` (which the HParams table shows as its metric columns); ``hparams``: HParams
+    beyond the method, its fields and the model; ``scalars``: more scalars (step 0), one tag each;
+    ``rows``: results.csv, one row per input (flat: names to numbers and strings); ``stopped``: why
+    an optimization stopped early (the run is written, its status ``failed``, then this is raised)."""
 
     target: Any
     fields: dict[str, Any]
@@ -57,7 +61,7 @@ class Summary:
     timings: dict[str, Any]
     hparams: dict[str, Any] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
-    hparam_metrics: dict[str, float] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
     stopped: Exception | None = None
 
 
@@ -106,13 +110,15 @@ def end(run: FamilyRun, summary: Summary) -> dict[str, Any]:
     finite = {name: value for name, value in summary.metrics.items() if math.isfinite(value)}
     run.writer.add_scalars({**summary.scalars, **{f"metrics/{name}": value for name, value in finite.items()}})
     hparams = {**method_hparams(run.method), "model": str(run.settings.model.name), **summary.hparams}
-    run.logger.log_hyperparams(hparams, metrics={**summary.hparam_metrics, **{f"hparams/{name}": value for name, value in finite.items()}})
+    write_session(Path(run.logger.log_dir), hparams, finished=summary.stopped is None, started=run.clock.wall_started)
     results = {
         **header(run, summary.target),
         **summary.fields,
         "timings": {**summary.timings, "write_seconds": run.clock.since("computed"), "run_seconds": run.clock.since("started")},
     }
-    run.writer.finish(results)
+    if summary.stopped is not None:
+        results["error"] = str(summary.stopped)
+    run.writer.finish(results, rows=summary.rows, failed=summary.stopped is not None)
     run.logger.finalize("success" if summary.stopped is None else "failed")
     if summary.stopped is not None:
         raise summary.stopped
@@ -133,13 +139,23 @@ def header(run: FamilyRun, target: Any) -> dict[str, Any]:
 
 
 def method_hparams(method: Any) -> dict[str, Any]:
-    """The method and its fields as TensorBoard HParams (numbers, strings, booleans)."""
-    return {"method": method.name, **{f"method.{k}": _hparam(v) for k, v in asdict(method.config).items()}}
+    """The method and its fields as TensorBoard HParams (``vizkit.output.hparams.hparam_value``
+    makes them numbers, strings and booleans)."""
+    return {"method": method.name, **{f"method.{k}": v for k, v in asdict(method.config).items()}}
 
 
-def _hparam(value: Any) -> Any:
-    """TensorBoard's HParams take numbers, strings and booleans."""
-    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+def flat_row(record: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A record as one results.csv row: nested dicts as ``outer.inner`` columns, lists left out
+    (results.json keeps them), ``skip``: keys left out."""
+    row: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in skip or isinstance(value, (list, tuple)):
+            continue
+        if isinstance(value, dict):
+            row.update({f"{key}.{inner}": item for inner, item in flat_row(value).items()})
+        else:
+            row[key] = value
+    return row
 
 
 def top5(probabilities: torch.Tensor, names: list[str] | None) -> list[dict[str, Any]]:

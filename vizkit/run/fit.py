@@ -1,9 +1,12 @@
 """A ``Problem`` as a Lightning ``fit``: the image's parameters are the only ones it trains.
 
 Lightning owns the device, precision, progress bar and the loss scalars (``log_every_n_steps``); the
-images at chosen steps go to TensorBoard through ``on_images``. The network stays frozen and in eval
-mode (Lightning would put the whole module in train mode: BatchNorm on a single image then fails).
-A diverged loss ends the fit after the step that diverged; ``stopped`` says why.
+images at chosen steps go to TensorBoard through ``on_images``. The scalars ``loss/*`` and the
+``history`` are per image (``Problem.per_image``: the total a mean over the images, as the parts);
+the optimizer minimizes the problem's own total. ``loss/total`` also shows on the progress bar
+(``vizkit.run.progress``). The network stays frozen and in eval mode (Lightning would put the whole
+module in train mode: BatchNorm on a single image then fails). A diverged loss ends the fit after
+the step that diverged; ``stopped`` says why.
 """
 from __future__ import annotations
 
@@ -43,8 +46,13 @@ class OptimizationTask(pl.LightningModule):
         self.problem = problem
         self.config = config
         self.on_images = on_images
-        self.history = History()
+        self.history = History(images=len(problem.names))
         self.stopped: str | None = None
+
+    @property
+    def progress_label(self) -> str:
+        """What the progress bar (``vizkit.run.progress``) calls a step of this fit."""
+        return f"chunk {self.suffix.removeprefix('/chunk')} step" if self.suffix else "step"
 
     def train(self, mode: bool = True) -> "OptimizationTask":
         super().train(mode)
@@ -69,9 +77,10 @@ class OptimizationTask(pl.LightningModule):
             self.stopped = str(error)
             self.trainer.should_stop = True
             return None  # Lightning skips the backward and the optimizer step
-        self.history.add(step, total, parts)
-        self.log_dict({f"loss/total{self.suffix}": total.detach(), **{f"loss/{k}{self.suffix}": v.detach() for k, v in parts.items()}},
-                      on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        shown, shown_parts = self.problem.per_image(total, parts)
+        self.history.add(step, shown, shown_parts)
+        self.log(f"loss/total{self.suffix}", shown, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        self.log_dict({f"loss/{k}{self.suffix}": v for k, v in shown_parts.items()}, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
         return total
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

@@ -9,9 +9,9 @@ writes everything.
 
 Writes: ``images/NAME.png`` per picture, the same PNG bytes as the TensorBoard image of its tag
 (``METHOD/NAME`` unless the method says otherwise, e.g. ``filters/conv1/rgb|normalize=filter``),
-scalars ``metrics/*``, the HParams (the method's fields and its metrics), and ``results.json``:
-the run header, ``scanned`` (the inputs streamed), ``pictures`` (name, png, tag), ``metrics``,
-``records`` and ``timings``.
+scalars ``metrics/*``, the HParams session (the method's fields), ``results.json``: the run header,
+``scanned`` (the inputs streamed), ``pictures`` (name, png, tag), ``metrics``, ``records`` and
+``timings``; and ``results.csv``, one row per record (per patch for a record holding several).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from vizkit.core.errors import ConfigError
 from vizkit.core.pixels import PixelSpace
 from vizkit.methods.base import InspectionMethod
 from vizkit.output.writer import RunWriter
-from vizkit.run.family import FamilyRun, Summary
+from vizkit.run.family import FamilyRun, Summary, flat_row
 from vizkit.run.stream import stream
 from vizkit.run.trainer import make_trainer, pixel_task
 
@@ -118,9 +118,23 @@ class InspectionRun(FamilyRun):
                      "inputs_per_second": self.scanned_count / max(clock.between("read", "scanned"), 1e-9) if method.needs_data else None,
                      "merge_seconds": clock.between("scanned", "merged"), "finish_seconds": clock.between("merged", "finished")},
             hparams=hparams,
+            rows=_rows(inspection.records),
         )
 
     @staticmethod
     def report(results: dict[str, Any]) -> str:
         scanned = f" from {results['scanned']} input(s)" if results["scanned"] else ""
         return f"{results['method']['name']}: {len(results['pictures'])} picture(s){scanned}, {results['device']}"
+
+
+def _rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """results.csv: a record per row, or, for a record holding a list of items (a channel's top
+    patches), one row per item with the record's own fields in front (``channel, rank, ...``)."""
+    rows = []
+    for record in records:
+        items = next((value for value in record.values() if isinstance(value, list) and value and isinstance(value[0], dict)), None)
+        if items is None:
+            rows.append(flat_row(record))
+        else:
+            rows += [{**flat_row(record), "rank": rank, **flat_row(item)} for rank, item in enumerate(items, 1)]
+    return rows

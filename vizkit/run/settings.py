@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vizkit.core.data import DataConfig, ImagesData
+from vizkit.core.pictures import Render
 from vizkit.core.errors import ConfigError
 from vizkit.core.models import ModelConfig
 from vizkit.core.validate import whole_number
@@ -55,6 +56,8 @@ class RunSettings:
     target: Any = "predicted"  # predicted | class:... | channel:... | ..., or a list (optimization)
     seed: int | None = 0  # torch's global seed before the run (None: left alone)
     tensorboard_images: Any = 100  # pictures of the first N inputs also go to TensorBoard (N | all)
+    render: Render = field(default_factory=Render)  # how maps are drawn: colormap, overlay opacity, percentile clipping
+    image_checkpoint: bool = False  # optimization: Lightning's checkpoint of the image and its optimizer (checkpoints/image.ckpt)
 
     def check(self) -> None:
         if self.method is None:
@@ -67,6 +70,7 @@ class RunSettings:
             except ConfigError as error:
                 raise ConfigError(f"{error}; or 'all'") from None
         self.trainer.check()
+        self.render.check()
 
     @property
     def pictures_to_tensorboard(self) -> int:

@@ -16,11 +16,15 @@ from vizkit.output.writer import TENSORBOARD_DIR
 from vizkit.run.settings import TrainerConfig
 
 
-def make_trainer(config: TrainerConfig, run_dir: Path, **settings: Any):
-    """The Trainer the settings ask for, logging to ``RUN/tensorboard``; ``settings``: more Trainer
-    arguments (an optimization's max_steps). Returns (trainer, TensorBoard logger)."""
+def make_trainer(config: TrainerConfig, run_dir: Path, *, label: str | None = None, **settings: Any):
+    """The Trainer the settings ask for, logging to ``RUN/tensorboard`` (``vizkit.run.tensorboard_logger``),
+    with vizkit's progress bar when ``config.progress_bar`` (``vizkit.run.progress``: passes through the
+    model when predicting, called ``label``, e.g. the method's name; steps when fitting); ``settings``:
+    more Trainer arguments (an optimization's max_steps, callbacks). Returns (trainer, TensorBoard logger)."""
     import pytorch_lightning as pl
-    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from vizkit.run.progress import Progress
+    from vizkit.run.tensorboard_logger import RunLogger
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
@@ -30,7 +34,10 @@ def make_trainer(config: TrainerConfig, run_dir: Path, **settings: Any):
     # Lightning's tips and device banner go to INFO; vizkit says which device it used itself
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logger = TensorBoardLogger(save_dir=str(run_dir), name=TENSORBOARD_DIR, version="", default_hp_metric=False)
+    logger = RunLogger(save_dir=str(run_dir), name=TENSORBOARD_DIR, version="", default_hp_metric=False)
+    callbacks = list(settings.pop("callbacks", None) or [])
+    if config.progress_bar:  # Lightning refuses a bar among the callbacks when it is told to show none
+        callbacks.append(Progress(label))
     try:
         trainer = pl.Trainer(
             accelerator=config.accelerator,
@@ -42,6 +49,7 @@ def make_trainer(config: TrainerConfig, run_dir: Path, **settings: Any):
             enable_model_summary=False,
             enable_progress_bar=bool(config.progress_bar),
             default_root_dir=str(run_dir),
+            callbacks=callbacks,
             **{"enable_checkpointing": False, **settings},
         )
     except (ValueError, RuntimeError, TypeError) as error:  # Lightning's own messages are clear

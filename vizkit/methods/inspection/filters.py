@@ -19,7 +19,8 @@ Weights become grey levels v in [0, 1] by ``normalize``:
              kernels and channels.
 
 A pixel is round(255 v); each weight is drawn as ``scale`` × ``scale`` pixels (nearest), and the
-kernels fill a grid row by row, ⌈√C_out⌉ columns, with white gaps (``render.grid``). TensorBoard tags
+kernels fill a grid row by row, ⌈√C_out⌉ columns, with white gaps, each kernel's index o in a strip
+under it (``render.grid``'s labels). TensorBoard tags
 say what is shown and how: ``filters/LAYER/rgb|normalize=filter``, ``filters/LAYER/in_C|normalize=layer``.
 """
 from __future__ import annotations
@@ -66,9 +67,10 @@ def grey_levels(weight: torch.Tensor, normalize: str) -> torch.Tensor:
 
 
 def kernel_grid(images: torch.Tensor, scale: int) -> np.ndarray:
-    """Grey levels ``[N, 3, kh, kw]`` as one grid of N pictures, each weight scale x scale pixels."""
+    """Grey levels ``[N, 3, kh, kw]`` as one grid of N pictures, each weight scale x scale pixels,
+    each labelled with its index."""
     pictures = [render.to_uint8(image).repeat(scale, axis=0).repeat(scale, axis=1) for image in images]
-    return render.grid(pictures)
+    return render.grid(pictures, labels=[str(index) for index in range(len(pictures))])
 
 
 class Filters(InspectionMethod):

@@ -10,8 +10,9 @@ crop each one's exact receptive field (``vizkit.probes.receptive_field``) from i
   the image's index in the data set, the same total order everywhere.
 * Crops are the receptive field's full size; where it runs past the image the crop is filled with a
   striped gray so that padding is never mistaken for image content.
-* Pictures: one grid per chosen channel (``top_patches/LAYER/channel_C``, its k patches best first)
-  and one summary grid (one row per channel, like the lecture's six pool5 neurons).
+* Pictures: one grid per chosen channel (``top_patches/LAYER/channel_C``, its k patches best first,
+  each labelled with its activation) and one summary grid (one row per channel under a caption
+  "channel C", like the lecture's six pool5 neurons).
 
 ``channels``: ``top:N`` (the N channels whose best activation is highest, the default ``top:6``),
 ``all``, or a list of channel indices. ``layer``: a feature map (``[B,C,H,W]``, or channels-last)
@@ -165,9 +166,9 @@ class TopPatches(InspectionMethod):
                 patches.append(self._picture(crop))
                 entries.append({"image": image, "y": y, "x": x, "value": float(state["values"][channel, rank]),
                                 "box": list(field.box(y, x)), "padded": bool(mask.any())})
-            pictures[f"channel_{channel}"] = render.grid(patches)
+            pictures[f"channel_{channel}"] = render.grid(patches, labels=[f"{entry['value']:.3g}" for entry in entries])
             tags[f"channel_{channel}"] = f"{self.name}/{name}/channel_{channel}"
-            rows.append(render.panel(patches))
+            rows.append(render.caption(render.panel(patches), [f"channel {channel}"]))
             records.append({"channel": channel, "patches": entries})
         pictures["summary"] = render.grid(rows, columns=1)
         tags["summary"] = f"{self.name}/{name}/summary"

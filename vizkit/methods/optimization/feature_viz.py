@@ -60,6 +60,8 @@ class FeatureVizConfig(OptimizationConfig):
 
 
 class FeatureVizProblem(Problem):
+    total_over_batch = "mean"  # the objective's mean, and the diversity of the whole batch
+
     def __init__(self, model, image, pixels, names, objective: Objective, config: FeatureVizConfig, diversity_layer: str | None) -> None:
         super().__init__(model, image, pixels, names)
         self.objective = objective
