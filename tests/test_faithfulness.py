@@ -139,6 +139,9 @@ def test_compare_attribution_ranks_every_attribution_method(vizkit_cli):
         assert float(row["deletion"]) == pytest.approx(results["metrics"]["deletion"])
     markdown = (sweep_dir / "summary.md").read_text()
     assert "deletion (lower is better)" in markdown and markdown.count("\n|") == len(rows) + 2
+    jobs = len(names_of_kind("attribution"))  # the table after every job, and the time left after the first
+    assert result.stdout.count("vizkit: the comparison so far: ") == jobs and f"sweep: 1/{jobs} job(s) done in" in result.stdout
+    assert (sweep_dir / "failures.jsonl").read_text().count("\n") == 2  # the refused jobs wrote nothing: no directory, one line each
 
 
 def test_compare_attribution_with_the_joblib_launcher(vizkit_cli):
