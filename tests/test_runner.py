@@ -24,7 +24,9 @@ def test_class_name_target_on_the_embedded_model(compose, tmp_path):
 def test_channel_and_neuron_targets_through_the_runner(compose, tmp_path, method):
     for i, target in enumerate(["channel:layer3:5", "neuron:layer2.0:3:4:4"]):
         results = run(compose("data=shapes", "data.count=2", f"method={method}", f"target={target}"), tmp_path / str(i))
-        assert [r["target"] for r in results["inputs"]] == [{"kind": target.split(":")[0], "spec": target}] * 2
+        for record in results["inputs"]:  # the caption reports the target's score where a class would have a probability
+            assert record["target"] == {"kind": target.split(":")[0], "spec": target, "score": pytest.approx(record["target"]["score"])}
+            assert record["caption"] == f"{target} score={record['target']['score']:.3g} · {method}"
         with np.load(tmp_path / str(i) / "maps.npz") as maps:
             assert all(maps[f].shape == (1, 128, 128) and np.isfinite(maps[f]).all() for f in maps.files)
 

@@ -44,8 +44,12 @@ def attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: Ta
             if logits is None:  # the method never ran the model on x itself (e.g. a channel target)
                 with torch.no_grad():
                     logits = self.model(x)
+            target_scores = None
             if target.kind == "class":  # metrics explain the same classes, whatever they run the model on
                 target = ClassTarget(target.indices.to(x.device))
+            else:  # what the caption reports in place of a probability: one more forward, for these targets only
+                with torch.no_grad():
+                    target_scores = target.score(self.model, x).float().cpu()
             started = time.perf_counter()
             scores = {}
             for metric in metrics:
@@ -63,6 +67,7 @@ def attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: Ta
                 "target_kind": target.kind,
                 "target_indices": target.indices.cpu() if target.kind == "class" else None,
                 "target_spec": str(target),
+                "target_scores": target_scores,
                 "seconds": seconds,
                 "metric_seconds": time.perf_counter() - started,
             }
@@ -178,13 +183,13 @@ def _target_record(batch: dict[str, Any], row: int, names: list[str] | None) -> 
     if batch["target_kind"] == "class":
         index = int(batch["target_indices"][row])
         return {"kind": "class", "index": index, "name": class_label(names, index), "probability": float(batch["probabilities"][row][index])}
-    return {"kind": batch["target_kind"], "spec": batch["target_spec"]}
+    return {"kind": batch["target_kind"], "spec": batch["target_spec"], "score": float(batch["target_scores"][row])}
 
 
 def _target_caption(target: dict[str, Any]) -> str:
-    """``star (class 3) p=0.972``, or the channel/neuron/layer target's spec."""
+    """``star (class 3) p=0.972``, or a channel/neuron/layer target's spec and score (``channel:layer3:5 score=1.23``)."""
     if target["kind"] != "class":
-        return str(target["spec"])
+        return f"{target['spec']} score={target['score']:.3g}"
     named = f"{target['name']} (class {target['index']})" if str(target["name"]) != str(target["index"]) else f"class {target['index']}"
     return f"{named} p={target['probability']:.3f}"
 
