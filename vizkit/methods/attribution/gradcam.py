@@ -32,71 +32,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
-from vizkit.core.errors import ConfigError
-from vizkit.core.hooks import capture_output
-from vizkit.methods.base import AttributionMethod
-from vizkit.core.layouts import LAYOUTS, channels_first, layout_of
-from vizkit.core.models import default_layer, find_layer
+from vizkit.methods.attribution.cam import CamConfig, CamInputs, CamMethod
 
 
 @dataclass
-class GradCamConfig:
-    layer: str = ""  # a named_modules() name (vizkit-layers MODEL); "" = the last feature stage in timm's feature_info
-    layout: str = "auto"  # auto (from feature_info's channel count; tokens for a ViT's [B,N,C]), nchw, nhwc, tokens
-    relu: bool = True  # the paper's ReLU: keep only evidence for the target
-
-    def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got '{self.layout}'")
+class GradCamConfig(CamConfig):
+    """layer, layout, relu (``CamConfig``)."""
 
 
-def layer_activation_and_gradient(model, x, target, layer: str, method_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's output for x and the gradient of the target's summed score with respect to it."""
-    module = find_layer(model, layer)
-    x = x.detach()
-    with torch.enable_grad():
-        with capture_output(module, layer) as captured:
-            score = target.score(model, x)
-        if len(captured) != 1:
-            times = "never" if not captured else f"{len(captured)} times"
-            raise ConfigError(f"{method_name}: layer '{layer}' runs {times} in one forward pass "
-                              f"(before the target, once); choose another with method.layer=NAME")
-        (activation,) = captured
-        if not activation.requires_grad:
-            raise ConfigError(f"{method_name}: the target's score does not depend on layer '{layer}'; choose a layer before the target")
-        (gradient,) = torch.autograd.grad(score.sum(), activation)
-    return activation.detach(), gradient
-
-
-def feature_map(tensor: torch.Tensor, model, layer: str, input_size, layout: str) -> torch.Tensor:
-    """The layer's output (or its gradient) as ``[B,C,H,W]``, or a one-line refusal."""
-    maps = channels_first(tensor, model, layer, input_size, layout)
-    if maps.dim() != 4:
-        raise ConfigError(f"layer '{layer}' outputs shape {tuple(tensor.shape)}; Grad-CAM needs a [B,C,H,W] feature map "
-                          f"(a convolutional layer) or a vision transformer's tokens")
-    return maps
-
-
-class GradCam(AttributionMethod):
+class GradCam(CamMethod):
     name = "gradcam"
     description = "Grad-CAM: a layer's activations weighted by their pooled gradients (Selvaraju et al. 2017)"
     Config = GradCamConfig
-    target_kinds = frozenset({"class", "channel", "neuron"})
 
-    def check(self, model):
-        find_layer(model, self.config.layer or default_layer(model))
-
-    def compute(self, model, x, target, pixels):
-        layer = self.config.layer or default_layer(model)
-        activation, gradient = layer_activation_and_gradient(model, x, target, layer, self.name)
-        layout = layout_of(activation, model, layer, x.shape[-2:], self.config.layout)
-        activation = feature_map(activation, model, layer, x.shape[-2:], layout).float()
-        gradient = feature_map(gradient, model, layer, x.shape[-2:], layout).float()
-        weights = gradient.mean((2, 3), keepdim=True)  # alpha_k
-        cam = (weights * activation).sum(1, keepdim=True)
-        if self.config.relu:
-            cam = cam.clamp_min(0)
-        return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    def weights(self, inputs: CamInputs):
+        return inputs.gradient.mean((2, 3), keepdim=True)  # alpha_k
