@@ -129,18 +129,22 @@ def captum_occlusion(model: nn.Module, window: int, stride: int, fill: torch.Ten
 @contextlib.contextmanager
 def pytorch_grad_cam(model: nn.Module, target: torch.Tensor, layer: str = "layer4",
                      reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     name: str | None = None) -> Iterator[tuple[Callable[[torch.Tensor], Any], str]]:
-    """``run(x)``: pytorch-grad-cam's GradCAM on ``layer`` (layer4; a ViT's: with its ``reshape_transform``)
-    for ``target``'s classes, on a deep copy (its hooks stay on the layer while the object lives and would
-    slow the other calls); released on exit. It also computes every weight gradient."""
-    from pytorch_grad_cam import GradCAM
+                     name: str | None = None, cam_class: str = "GradCAM", **settings: Any) -> Iterator[tuple[Callable[[torch.Tensor], Any], str]]:
+    """``run(x)``: pytorch-grad-cam's ``cam_class`` (GradCAM, GradCAMPlusPlus, ScoreCAM, ...) on ``layer``
+    (layer4; a ViT's: with its ``reshape_transform``) for ``target``'s classes, on a deep copy (its hooks
+    stay on the layer while the object lives and would slow the other calls); released on exit; ``settings``:
+    attributes set on the object (ScoreCAM's and AblationCAM's ``batch_size``). The gradient CAMs also
+    compute every weight gradient."""
+    import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     copied = copy.deepcopy(model)
-    cam = GradCAM(model=copied, target_layers=[copied.get_submodule(layer)], reshape_transform=reshape_transform)
+    cam = getattr(pgc, cam_class)(model=copied, target_layers=[copied.get_submodule(layer)], reshape_transform=reshape_transform)
+    for key, value in settings.items():
+        setattr(cam, key, value)
     targets = [ClassifierOutputTarget(int(t)) for t in target]
     try:
-        yield (lambda x: cam(input_tensor=x, targets=targets)), name or f"pytorch_grad_cam.GradCAM([{layer}])"
+        yield (lambda x: cam(input_tensor=x, targets=targets)), name or f"pytorch_grad_cam.{cam_class}([{layer}])"
     finally:
         cam.activations_and_grads.release()
 

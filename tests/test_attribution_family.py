@@ -144,7 +144,7 @@ def test_gradcam_for_a_channel_target_of_a_later_layer(resnet, x):
     assert cam.shape == (2, 1, 64, 64) and cam.max() > 0
 
 
-@pytest.mark.parametrize("layer, message", [("layer9", "closest: layer"), ("fc", "Grad-CAM needs a \\[B,C,H,W\\]")])
+@pytest.mark.parametrize("layer, message", [("layer9", "closest: layer"), ("fc", "gradcam needs a \\[B,C,H,W\\]")])
 def test_gradcam_bad_layers(resnet, x, layer, message):
     with pytest.raises(ConfigError, match=message):
         vizkit.create_method("gradcam", layer=layer).attribute(resnet, x, 1)

@@ -53,9 +53,12 @@ FAMILIES: dict[str, list[tuple[str, dict]]] = {
 FIELDS = {"occlusion": {"window": 16, "stride": 16}, "integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2},
           # random weights may leave a class no positive evidence: without the ReLU an all-zero CAM can
           # only mean that no gradient reached the layer
-          "gradcam": {"relu": False}, "guided_gradcam": {"relu": False}}
+          "gradcam": {"relu": False}, "guided_gradcam": {"relu": False},
+          **{cam: {"relu": False} for cam in ("gradcam_plus_plus", "xgradcam", "hirescam", "layercam", "eigencam")},
+          # and the channel-forward CAMs a small chunk: the matrix's models are small, the defaults sized for 224 px
+          "scorecam": {"relu": False, "batch_size": 64}, "ablationcam": {"relu": False, "batch_size": 64}}
 RULE_METHODS = ("guided_backprop", "deconvnet", "guided_gradcam")
-CAM_METHODS = ("gradcam", "guided_gradcam")
+CAM_METHODS = ("gradcam", "guided_gradcam", "gradcam_plus_plus", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam", "ablationcam")
 NOTES = {
     "rules": "On GELU, SiLU, Hardswish, Mish, ELU, LeakyReLU and ReLU6 the papers' ReLU rule is generalized: guided "
              "f'(x)·relu(g), deconvnet relu(g) (`vizkit/probes/relu_rules.py`); `relu_only=true` refuses them instead.",
