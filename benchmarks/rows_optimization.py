@@ -195,7 +195,7 @@ def optimization_row(name: str, model: nn.Module, batch: int, size: int, steps: 
         run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
         with trainers if record else nullcontext():
             trainer, logger = optimization_trainer(fitted, trainer_config, run_dir)
-            writer = RunWriter(run_dir, fitted.name, logger.experiment)
+            writer = RunWriter(run_dir, logger.experiment)
         if record:
             count_evaluations(problem_, "fit")
         with fits if record else nullcontext():

@@ -61,10 +61,9 @@ class RunWriter:
     to maps.npz (``adopt_rank_maps``) before it writes the results.
     """
 
-    def __init__(self, run_dir: Path, method_name: str, writer: Any, log_dir: Path | None = None, rank: int = 0,
+    def __init__(self, run_dir: Path, writer: Any, log_dir: Path | None = None, rank: int = 0,
                  render: pictures.Render | None = None) -> None:
         self.run_dir = run_dir
-        self.method_name = method_name
         self.render = render or pictures.Render()
         self.writer = writer
         self.log_dir = Path(log_dir) if log_dir is not None else None

@@ -104,7 +104,7 @@ class InspectionRun(FamilyRun):
 
     def summarize(self) -> Summary:
         method, inspection, clock = self.method, self.inspection, self.clock
-        self.writer = self.writer or RunWriter(self.run_dir, method.name, self.logger.experiment)
+        self.writer = self.writer or RunWriter(self.run_dir, self.logger.experiment)
         pictures = [{"name": name, "png": self.writer.add_picture(name, inspection.tags[name], picture), "tag": inspection.tags[name]}
                     for name, picture in inspection.pictures.items()]
         hparams = {"data": str(self.settings.data.kind), "inputs": self.scanned_count} if method.needs_data else {}

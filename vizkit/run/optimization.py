@@ -76,7 +76,7 @@ class OptimizationRun(FamilyRun):
             chunk = index if chunked else None
             self.trainer, self.logger = optimization_trainer(self.method, self.settings.trainer, self.run_dir, chunk,
                                                              checkpoint=bool(self.settings.image_checkpoint))
-            self.writer = self.writer or RunWriter(self.run_dir, self.method.name, self.logger.experiment)
+            self.writer = self.writer or RunWriter(self.run_dir, self.logger.experiment)
             self.tasks.append(fit_problem(self.trainer, self.method, self.model, problem, self.writer, chunk))
             self.done.append(problem)
             if self.tasks[-1].stopped is not None or interrupt.received() is not None:

@@ -48,7 +48,7 @@ class Streamed:
     states: list[Any] = field(default_factory=list)  # every rank's ``rank_state()``, in rank order, on rank 0's device
 
 
-def _consumer(consume: Consume | None, inputs: Inputs, method_name: str, run_dir: Path, render: Any = None):
+def _consumer(consume: Consume | None, inputs: Inputs, run_dir: Path, render: Any = None):
     import pytorch_lightning as pl
 
     class Consumer(pl.Callback):
@@ -69,7 +69,7 @@ def _consumer(consume: Consume | None, inputs: Inputs, method_name: str, run_dir
 
         def on_predict_start(self, trainer, pl_module) -> None:
             logger = trainer.logger
-            self.writer = RunWriter(run_dir, method_name, logger.experiment, log_dir=Path(logger.log_dir), rank=trainer.global_rank, render=render)
+            self.writer = RunWriter(run_dir, logger.experiment, log_dir=Path(logger.log_dir), rank=trainer.global_rank, render=render)
 
         def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
             for index, error in batch["skipped"]:
@@ -94,10 +94,11 @@ def stream(trainer_config: TrainerConfig, data: DataConfig, run_dir: Path, task:
     """``task`` over the inputs by the Trainer ``trainer_config`` asks for, read as ``data`` says, ``consume`` per batch on every
     device with that device's RunWriter. Returns the ``Streamed`` run, on rank 0 with every rank's
     records, every rank's ``rank_state()`` (a scan's state: plain data and tensors) and its writer
-    ready for the run's summary (drawing maps as ``render``, a ``vizkit.core.pictures.Render``, says);
+    ready for the run's summary (drawing maps as ``render``, a ``vizkit.core.pictures.Render``, says; ``method_name``
+    names the progress bar);
     raises when no input could be read. Everything crosses ranks in one
     exchange, after which the ranks need each other no more (rank 0 may then raise alone)."""
-    consumer = _consumer(consume, inputs, method_name, run_dir, render)
+    consumer = _consumer(consume, inputs, run_dir, render)
     trainer, logger = make_trainer(trainer_config, run_dir, callbacks=[consumer], label=method_name)
     loader = input_loader(data, inputs, str(trainer_config.accelerator))
     try:
