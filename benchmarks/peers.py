@@ -93,6 +93,25 @@ def captum_integrated_gradients(model: nn.Module, baseline: torch.Tensor, rule: 
     return run, f"captum.IntegratedGradients({rule})"
 
 
+def captum_deeplift(model: nn.Module, baseline: torch.Tensor) -> tuple[Call, str]:
+    """``run(x, target)``: captum's DeepLift (Rescale, multiply_by_inputs) from vizkit's baseline, on a
+    copy with ``inplace=False`` ReLUs (its hooks need that)."""
+    from captum.attr import DeepLift
+
+    peer = DeepLift(without_inplace_relus(model))
+    return (lambda x, target: peer.attribute(x, baselines=baseline, target=target)), "captum.DeepLift"
+
+
+def captum_gradient_shap(model: nn.Module, baselines: torch.Tensor, samples: int) -> tuple[Call, str]:
+    """``run(x, target)``: captum's GradientShap, ``samples`` draws from ``baselines`` (its distribution),
+    no noise; all draws in one pass (captum has no batching knob for it)."""
+    from captum.attr import GradientShap
+
+    peer = GradientShap(model)
+    return (lambda x, target: peer.attribute(x, baselines=baselines, n_samples=samples, stdevs=0.0, target=target)), \
+        "captum.GradientShap"
+
+
 def captum_smoothgrad(model: nn.Module) -> tuple[Callable[..., Any], str]:
     """``run(x, target, samples, per_pass, stdev)``: captum's NoiseTunnel(Saliency), smoothgrad, abs=False
     (vizkit's default base); ``per_pass``: its nt_samples_batch_size; one sigma for the whole input."""
@@ -232,3 +251,76 @@ def lucent_fns(model: nn.Module, layer: str, channel: int, size: int, batch: int
                            "after each call, then removed")
     return {"peer": lambda: lucent_call(user, "peer"), "peer2": lambda: lucent_call(still, "peer2"),
             "peer_floor": lambda: input_gradient_passes(model, model, [full] * passes)}
+
+
+# ------------------------------------------------------------------ zennit
+
+
+def timm_basic_block_sum():
+    """zennit's ``ResNetBasicBlockCanonizer`` rewritten for timm's ``BasicBlock``: the skip addition as a
+    ``Sum`` module, which zennit's composites give the normalization rule (a ``+`` is not a module)."""
+    from timm.models.resnet import BasicBlock
+    from zennit.canonizers import AttributeCanonizer
+    from zennit.layer import Sum
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act2(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
+
+    def attributes(_name, module):
+        if isinstance(module, BasicBlock):
+            return {"forward": forward.__get__(module), "canonizer_sum": Sum()}
+        return None
+
+    return AttributeCanonizer(attributes)
+
+
+def zennit_lrp(model: nn.Module, composite: str, low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> tuple[Call, str]:
+    """``run(x, target)``: zennit's relevance at the input with ``composite`` (its registered name), the
+    target's logit as the output relevance, on a copy with ``inplace=False`` ReLUs and the canonizers a
+    timm ResNet or VGG needs (``SequentialMergeBatchNorm``, the BasicBlock's ``Sum``). ``low``/``high``:
+    the pixel bounds of the box rule, for the composites that take them."""
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import COMPOSITES
+
+    copied = without_inplace_relus(model)
+    settings = {} if low is None else {"low": low, "high": high}
+
+    def run(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(x.shape[0])
+        with torch.no_grad():
+            logits = copied(x)
+        output_relevance = torch.zeros_like(logits)
+        output_relevance[rows, target] = logits[rows, target]
+        built = COMPOSITES[composite](canonizers=[SequentialMergeBatchNorm(), timm_basic_block_sum()], **settings)
+        with Gradient(copied, built) as attributor:
+            return attributor(x, output_relevance)[1]
+
+    return run, f"zennit.Gradient({composite})"
+
+
+# ------------------------------------------------------------------ torchcam
+
+
+@contextlib.contextmanager
+def torchcam_smoothgradcampp(model: nn.Module, layer: str, samples: int, std: float, shape: tuple[int, ...]) -> Iterator[tuple[Call, str]]:
+    """``run(x, target)``: torchcam's ``SmoothGradCAMpp`` on a copy: the clean forward its extractor
+    needs, then its ``samples`` noisy forwards and backwards; its hooks removed on exit."""
+    from torchcam.methods import SmoothGradCAMpp
+
+    copied = copy.deepcopy(model)
+    extractor = SmoothGradCAMpp(copied, layer, num_samples=samples, std=std, input_shape=shape)
+
+    def run(x: torch.Tensor, target: torch.Tensor) -> Any:
+        copied(x)
+        return extractor(class_idx=target.tolist(), normalized=False)
+
+    try:
+        yield run, f"torchcam.SmoothGradCAMpp({layer})"
+    finally:
+        extractor.remove_hooks()

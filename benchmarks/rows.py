@@ -19,13 +19,15 @@ from rows_methods import (attack_row, attention_rollout_vit_row, gradcam_row, gr
                           gradient_weighted_attention_vit_row, guided_gradcam_row, integrated_gradients_row, mask_row, occlusion_row,
                           perturbation_row, randomization_row, smoothgrad_row)
 from rows_cams import CAMS, MANY_FORWARDS, cam_row
+from rows_catalogue import CATALOGUE, catalogue_row
 from rows_optimization import OPTIMIZATION_METHODS, Skipped, optimization_row
 from rows_runs import (RUNNER_OVERRIDES, SCAN_RUNS, SCANS, ScanPlan, gradcam_scan_row, runner_row, scan_run_row, top_patches_row,
                        write_image_folder, write_images)
 
 GRADIENT_METHODS = ("saliency", "guided_backprop", "deconvnet", "input_x_gradient")
 ADVERSARIAL_METHODS = ("fgsm", "pgd")
-METHODS = ("occlusion", *GRADIENT_METHODS, "gradcam", "guided_gradcam", "integrated_gradients", "smoothgrad", *ADVERSARIAL_METHODS, *CAMS)
+METHODS = ("occlusion", *GRADIENT_METHODS, "gradcam", "guided_gradcam", "integrated_gradients", "smoothgrad", *ADVERSARIAL_METHODS, *CAMS,
+           *CATALOGUE)
 VIT_ROWS = {"gradcam_vit": gradcam_vit_row, "attention_rollout_vit": attention_rollout_vit_row,  # method rows on vit_small_patch16_224
             "gradient_weighted_attention_vit": gradient_weighted_attention_vit_row}
 METRICS = ("deletion", "insertion", "pointing_game", "mask_energy", "randomization")
@@ -78,6 +80,9 @@ def method_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tenso
         return gradcam_row(model, x, target, plan.repeats[batch])
     if name == "guided_gradcam":
         return guided_gradcam_row(model, x, target, plan.repeats[batch])
+    if name in CATALOGUE:
+        return catalogue_row(name, model, x, target, plan.smoothgrad_repeats[batch] if name == "gradient_shap" else plan.repeats[batch],
+                             plan.smoothgrad_samples[batch])
     if name in CAMS:
         return cam_row(name, model, x, target, 2 if name in MANY_FORWARDS else plan.repeats[batch])
     if name == "integrated_gradients":

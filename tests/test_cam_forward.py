@@ -352,12 +352,47 @@ def test_memory_is_bounded_by_batch_size_not_channels(method):
         handle.remove()
     pairs = len(x) * channels
     chunks = [size] * (pairs // size) + ([pairs % size] if pairs % size else [])
-    clean_score = [len(x)] if method == "ablationcam" else []  # S, after the ablations
-    assert rows == [len(x)] + chunks + clean_score
+    if method == "scorecam":
+        assert rows == [len(x)] + chunks
+    else:  # S, the two-row check, then the layers before the ablated one once per input of a chunk
+        inputs_per_chunk = [len(set(range(start, start + n))) and len({pair // channels for pair in range(start, start + n)})
+                            for start, n in zip(range(0, pairs, size), chunks)]
+        assert rows == [len(x), len(x), 1] + [1] * sum(inputs_per_chunk)
     assert peak <= size * one_input, (peak, one_input)
     if method == "scorecam":
         theirs = largest_tensor(lambda: pytorch_grad_cam("scorecam", model, layer, x, TARGETS))
         assert theirs >= len(x) * channels * x[0].numel() * x.element_size() > size * one_input
+
+
+class FixedBatch(nn.Module):
+    """A net that reads its batch size at the start of its forward (``fixed``) or not: with ``fixed``
+    the layers after ``body`` cannot take more rows than the input had."""
+
+    def __init__(self, fixed: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fixed = fixed
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(12 * 8 * 8, 5)
+
+    def forward(self, x):
+        batch = x.shape[0]
+        h = self.body(self.stem(x))
+        return self.fc(h.reshape(batch, -1) if self.fixed else h.flatten(1))
+
+
+def test_ablationcam_runs_whole_forwards_where_the_layers_before_cannot_be_shared():
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    shared, fixed = FixedBatch(fixed=False).eval(), FixedBatch(fixed=True).eval()
+    rows: list[int] = []
+    handle = fixed.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    try:
+        got = vizkit.create_method("ablationcam", layer="body", batch_size=4).attribute(fixed, x, [1, 3])
+    finally:
+        handle.remove()
+    assert rows[3:] == [4] * 6  # capture, S, the failed check; then 24 pairs, 4 whole rows a forward
+    assert_maps_close(got, vizkit.create_method("ablationcam", layer="body", batch_size=4).attribute(shared, x, [1, 3]), rel=1e-5)
 
 
 # ---------------------------------------------------------------- the model is left as it was
@@ -408,14 +443,15 @@ def test_model_is_left_untouched(method, training_model):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_model_is_left_untouched_when_a_forward_raises_midway(method, training_model):
-    """The classifier raises on its 3rd call: the second chunk's forward (Ablation-CAM's hook installed)."""
+    """The classifier raises on its 4th call: a chunk's forward (Ablation-CAM's hook installed: its
+    capture, S and the two-row check came first)."""
     before = snapshot(training_model)
     x = normalized_batch(training_model, 2, 64, seed=6)
     calls = []
 
     def explode(_module, _args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:
             raise RuntimeError("boom")
 
     handle = training_model.get_classifier().register_forward_pre_hook(explode)

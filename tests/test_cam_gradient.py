@@ -21,14 +21,13 @@ the sign pytorch-grad-cam's projection has.
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vizkit
-from tiny_models import assert_maps_close, normalized_batch, reinit_batchnorm, single_thread, timm_model
+from tiny_models import assert_maps_close, assert_untouched, differential_model, normalized_batch, single_thread, state
 from vizkit.core.errors import ConfigError
 from vizkit.core.models import find_layer
 from vizkit.core.targets import resolve_target
@@ -62,14 +61,7 @@ def _one_thread():
         yield
 
 
-@functools.cache
-def cached_model(name: str) -> torch.nn.Module:
-    if name.startswith("vgg"):  # the classifier's hidden width cut 16x (timm's mlp_ratio), the features as they are:
-        import timm  # 8M parameters instead of 129M, so building and copying it is quick
-
-        torch.manual_seed(0)
-        return reinit_batchnorm(timm.create_model(name, pretrained=False, num_classes=10, mlp_ratio=1 / 16))
-    return timm_model(name)
+cached_model = differential_model  # built once, shared by the tests: never modified
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -334,20 +326,6 @@ def spare_model():
     model.pretrained_cfg = model.net.pretrained_cfg
     model.net.conv1.weight.requires_grad_(False)  # a frozen layer stays frozen, the rest trainable
     return model.train()  # modes are restored, and BatchNorm's statistics are not touched
-
-
-def state(model):
-    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
-            {k: v.clone() for k, v in model.state_dict().items()})
-
-
-def assert_untouched(model, before):
-    modes, flags, values = before
-    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in model.modules())
-    assert all(p.grad is None for p in model.parameters())
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all(torch.equal(v, values[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize(("method", "fields"), [(name, {"layer": "net.layer3"}) for name in PEERS]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -36,13 +37,22 @@ def reinit_batchnorm(model: nn.Module, seed: int = 0, calibrate_size: int = 32) 
     return model.eval()
 
 
-def timm_model(name: str, num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """A timm model with random (BN re-initialized, calibrated) weights, in eval mode."""
+def timm_model(name: str, num_classes: int = 10, seed: int = 0, **kwargs) -> nn.Module:
+    """A timm model with random (BN re-initialized, calibrated) weights, in eval mode; ``kwargs`` go to
+    ``timm.create_model``."""
     import timm
 
     torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     return reinit_batchnorm(model, seed=seed)
+
+
+@functools.cache
+def differential_model(name: str) -> nn.Module:
+    """The differential tests' model, built once per process (never modify it: copy it first): a timm
+    model as ``timm_model``; a VGG's classifier hidden width cut 16x (timm's ``mlp_ratio``), its features
+    as they are, so building and copying it is quick (8M parameters instead of 129M)."""
+    return timm_model(name, mlp_ratio=1 / 16) if name.startswith("vgg") else timm_model(name)
 
 
 def captum_copy(model: nn.Module) -> nn.Module:
@@ -240,6 +250,25 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- a model left as it was
+
+
+def state(model):
+    """What a method must leave as it was: modules' modes, parameters' flags, every value in the state dict."""
+    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def assert_untouched(model, before):
+    """No hook left, no gradient accumulated, and modes, flags and values as ``state`` recorded them."""
+    modes, flags, values = before
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(v, values[k]) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------- float32 error bounds

@@ -50,15 +50,16 @@ FAMILIES: dict[str, list[tuple[str, dict]]] = {
             ("vit_tiny_patch16_224", {"img_size": 64})],
 }
 # cheap settings: the matrix asks whether a method runs and gives a map, not how good the map is
-FIELDS = {"occlusion": {"window": 16, "stride": 16}, "integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2},
+FIELDS = {"occlusion": {"window": 16, "stride": 16}, "integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2}, "gradient_shap": {"samples": 2},
           # random weights may leave a class no positive evidence: without the ReLU an all-zero CAM can
           # only mean that no gradient reached the layer
           "gradcam": {"relu": False}, "guided_gradcam": {"relu": False},
-          **{cam: {"relu": False} for cam in ("gradcam_plus_plus", "xgradcam", "hirescam", "layercam", "eigencam")},
+          **{cam: {"relu": False} for cam in ("gradcam_plus_plus", "xgradcam", "hirescam", "layercam", "eigencam", "smoothgradcam_plus_plus")},
           # and the channel-forward CAMs a small chunk: the matrix's models are small, the defaults sized for 224 px
           "scorecam": {"relu": False, "batch_size": 64}, "ablationcam": {"relu": False, "batch_size": 64}}
 RULE_METHODS = ("guided_backprop", "deconvnet", "guided_gradcam")
-CAM_METHODS = ("gradcam", "guided_gradcam", "gradcam_plus_plus", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam", "ablationcam")
+CAM_METHODS = ("gradcam", "guided_gradcam", "gradcam_plus_plus", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam", "ablationcam",
+               "fullgrad", "smoothgradcam_plus_plus")
 NOTES = {
     "rules": "On GELU, SiLU, Hardswish, Mish, ELU, LeakyReLU and ReLU6 the papers' ReLU rule is generalized: guided "
              "f'(x)·relu(g), deconvnet relu(g) (`vizkit/probes/relu_rules.py`); `relu_only=true` refuses them instead.",
@@ -110,6 +111,9 @@ def run_cell(family: str, name: str, model: torch.nn.Module, method: str) -> Out
         maps = vizkit.create_method(method, **FIELDS.get(method, {})).attribute(model, x, [2], **MEAN_STD)
     except ConfigError as error:
         message = str(error).replace(type(model).__name__, "the model")
+        # a rule-based method names every operation it has no rule for: one note for all of them
+        message = re.sub(r"has no rule for (.+?) on this model's path to the target", "has no rule for some operations on this "
+                         "model's path to the target (the message names them: a gate's mul, layer_norm, attention, ...)", message)
         if not message or "\n" in message:
             raise AssertionError(f"{method} on {name}: a refusal must be one line, got {message!r}") from error
         return Outcome(family, name, method, message)
@@ -174,6 +178,9 @@ def run_defaults(name: str, model: torch.nn.Module, method: str) -> str | None:
             outputs = [created.optimize(model, target, pixels if created.needs_images else None, **MEAN_STD).images]
     except ConfigError as error:
         message = str(error).replace(type(model).__name__, "the model")
+        # a rule-based method names every operation it has no rule for: one note for all of them
+        message = re.sub(r"has no rule for (.+?) on this model's path to the target", "has no rule for some operations on this "
+                         "model's path to the target (the message names them: a gate's mul, layer_norm, attention, ...)", message)
         if not message or "\n" in message:
             raise AssertionError(f"{method} on {name}: a refusal must be one line, got {message!r}") from error
         return message

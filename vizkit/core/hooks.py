@@ -6,10 +6,11 @@ user's model never keeps a vizkit hook (lucent was measured leaving ~93 per call
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vizkit.core.errors import ConfigError
 
@@ -166,3 +167,38 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, modules: dict[str, nn.Modul
     if missing:
         raise ConfigError(f"layers {', '.join(missing)} are not used when the model runs forward")
     return output, captured
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in a call's arguments or result, however nested (what a ``TorchFunctionMode`` sees)."""
+    from torch.utils._pytree import tree_leaves
+
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+class RuleMode(TorchFunctionMode):
+    """A ``TorchFunctionMode`` that installs backward rules on the calls of one forward (guided
+    backprop's, DeepLIFT's, LRP's). ``rule_call(func, args, kwargs)`` does a call; it is skipped (the
+    call runs as it is) during ``check_called_once``'s probe and inside ``passing_through()``, where a
+    rule computes a derivative of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._passing = 0
+
+    @contextmanager
+    def passing_through(self) -> Iterator[None]:
+        self._passing += 1
+        try:
+            yield
+        finally:
+            self._passing -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if probing() or self._passing:
+            return func(*args, **kwargs)
+        return self.rule_call(func, args, kwargs)
+
+    def rule_call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError

@@ -100,3 +100,11 @@ def whole_number(name: str, value: Any, low: int, high: int | None = None) -> in
     if value < low or (high is not None and value > high):
         raise ConfigError(f"{name} must be between {low} and {high}, got {value}" if high is not None else f"{name} must be at least {low}, got {value}")
     return value
+
+
+def positive_integers(config: Any, *names: str) -> None:
+    """Refuse a config whose fields ``names`` are not positive integers (a bool is not one)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from vizkit.core import hooks
 from vizkit.core.errors import ConfigError
@@ -122,7 +121,7 @@ class _RuleReLU(torch.autograd.Function):
         return gradient, None, None
 
 
-class _ReluRuleMode(TorchFunctionMode):
+class _ReluRuleMode(hooks.RuleMode):
     def __init__(self, rule: str, relu_only: bool = False) -> None:
         super().__init__()
         self.rule = rule
@@ -130,20 +129,8 @@ class _ReluRuleMode(TorchFunctionMode):
         self.relu_calls = 0
         self.ruled_calls = 0  # other activations given the rule
         self.other_activations: set[str] = set()  # activations refused
-        self._passing = 0
 
-    @contextmanager
-    def passing_through(self) -> Iterator[None]:
-        self._passing += 1
-        try:
-            yield
-        finally:
-            self._passing -= 1
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if hooks.probing() or self._passing:  # vizkit's own look at the whole forward, or a rule's own derivative
-            return func(*args, **kwargs)
+    def rule_call(self, func, args, kwargs):
         if func in _RELUS or func in _INPLACE_RELUS:
             inplace = func in _INPLACE_RELUS or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
             self.relu_calls += 1

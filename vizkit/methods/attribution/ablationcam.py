@@ -31,14 +31,17 @@ theirs; pytorch-grad-cam's ``AblationLayerVit`` changes them too). torchcam has 
 
 How: a forward hook on the layer replaces its output with the clean activation (recorded by the
 capture's forward) with one channel zeroed per row, for a chunk of ``batch_size`` (input, channel)
-pairs run on copies of their inputs (``ForwardCam`` in ``scorecam.py`` does the chunking). The hook is
-removed when the chunks end, however they end, so the model is left as it was, also when a forward
-raises. Memory: ``batch_size`` input copies and ablated layer outputs plus one forward of ``batch_size``
-inputs, whatever the channel count (never K ablated activations at once); measured on resnet18's
-``layer4``, one 224 px image, CPU: peak RSS +56 MB (batch_size 8), +269 MB (32; pytorch-grad-cam
-+281 MB at its 32), at about pytorch-grad-cam's speed. Cost: B x K forwards of the whole model (the
-layers before the ablated one run again for every pair, as in pytorch-grad-cam, which skips the ablated
-layer itself), plus the capture's and one for S.
+pairs (``ForwardCam`` in ``scorecam.py`` does the chunking). Every row of an input sees the same layers
+before the ablated one, so they run once per input and chunk, on one copy: the hook expands the layer's
+output to the chunk's rows, and only the layers after it run per row (on resnet18's ``layer4`` a
+quarter of the network). A model that cannot take that (checked once per call: two unablated rows
+must give the clean score; a shape fixed at the start of the forward, a target read before the layer)
+runs whole forwards per row, as pytorch-grad-cam always does (it skips only the ablated layer). The
+hook is removed when the chunks end, however they end, so the model is left as it was, also when a
+forward raises. Memory: ``batch_size`` ablated layer outputs plus the layers after it for
+``batch_size`` rows, whatever the channel count (never K ablated activations at once). Cost: B x K
+forwards of the layers after the ablated one, B x ceil(K / batch_size) of those before it, plus the
+capture's forward, one for S and the two-row check.
 """
 from __future__ import annotations
 
@@ -70,27 +73,55 @@ class AblationCam(ForwardCam):
     def pair_scores(self, inputs: CamInputs) -> Iterator[PairScores]:
         activation, x, model = inputs.activation, inputs.x, inputs.model
         chunk: dict[str, torch.Tensor] = {}
+        # S, from a forward of the unchanged model, before any ablation
+        self._clean = inputs.target.score(model, x).float()[:, None]
 
         def ablate(_module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
             if probing():  # a target's check that its own layer runs once: leave that forward alone
                 return None
             rows, channels = chunk["rows"], chunk["channels"]
+            if chunk["shared"]:  # the layers before ran on one copy of the input: the ablated rows start here
+                output = output.expand(len(rows), *output.shape[1:])
             ablated = output.clone()  # the prefix tokens of a token layer stay the forward's own
             view = channels_first(ablated, model, inputs.layer, x.shape[-2:], inputs.layout)
             if view.shape != (len(rows), *activation.shape[1:]) or view.untyped_storage().data_ptr() != ablated.untyped_storage().data_ptr():
                 raise ConfigError(f"{self.name}: layer '{inputs.layer}' gave {tuple(output.shape)} for {len(rows)} inputs; cannot ablate its channels")
             view.copy_(activation[rows])  # the clean activation: the same for any batch_size
-            view[torch.arange(len(rows), device=view.device), channels] = 0
+            ablating = channels >= 0  # -1: none (the check below)
+            view[torch.arange(len(rows), device=view.device)[ablating], channels[ablating]] = 0
             return ablated
 
+        def run(rows: torch.Tensor, channels: torch.Tensor, shared: bool) -> torch.Tensor:
+            chunk.update(rows=rows, channels=channels, shared=shared)
+            return inputs.target.take(rows).score(model, x[rows[:1]] if shared else x[rows])
+
         def score(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:  # S_k
-            chunk.update(rows=rows, channels=channels)
-            return inputs.target.take(rows).score(model, x[rows])
+            if not chunk["shared_prefix"]:
+                return run(rows, channels, False)
+            starts = [0] + [i for i in range(1, len(rows)) if rows[i] != rows[i - 1]] + [len(rows)]
+            return torch.cat([run(rows[a:b], channels[a:b], True) for a, b in zip(starts, starts[1:])])
 
         with forward_hook(find_layer(model, inputs.layer), ablate):  # removed however the chunks end
+            chunk["shared_prefix"] = self._prefix_can_be_shared(run, x)
             yield score
 
+    def _prefix_can_be_shared(self, run, x: torch.Tensor) -> bool:
+        """Whether the layers before the ablated one can run once per input rather than once per row:
+        two rows of the first input, nothing ablated, run that way must give its clean score twice (the
+        model after the layer takes a batch other than the input's: a skip connection from before the
+        layer broadcasts, as it holds the same values for every row). A model where that fails (a shape
+        fixed at the start of its forward, a target read before the layer) gets full forwards per row."""
+        rows = torch.zeros(2, dtype=torch.long, device=x.device)
+        try:
+            scores = run(rows, torch.full_like(rows, -1), True).float()
+        except (RuntimeError, ConfigError):
+            return False
+        clean = self._clean[0].expand(2)
+        # equal up to float32 rounding in a batch of another size (a GEMM's blocking): far below any
+        # structural difference, which would change the score at its first digit
+        return scores.shape == (2,) and bool(torch.allclose(scores, clean, rtol=1e-3, atol=1e-3 * float(clean.abs().max())))
+
     def weigh(self, inputs: CamInputs, scores: torch.Tensor) -> torch.Tensor:
-        clean = inputs.target.score(inputs.model, inputs.x).float()[:, None]  # S, from a forward of the unchanged model
+        clean, self._clean = self._clean, None
         off = clean == 0  # S = 0: the relative drop is undefined, the weights 0
         return torch.where(off, 0.0, (clean - scores) / torch.where(off, 1.0, clean))  # w_k

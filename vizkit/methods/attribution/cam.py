@@ -7,13 +7,16 @@ map at the layer's resolution, ``[B,1,h,w]``; most do it by ``weights(inputs)``,
 ``[B,K,h,w]``, which the default ``combine`` multiplies into the activation and sums over channels
 (Grad-CAM: the pooled gradient). ``needs_gradient`` says whether the capture takes the backward pass
 (Eigen-CAM, Score-CAM and Ablation-CAM need only the activation and forwards of their own, made
-through ``inputs.model`` on ``inputs.x``).
+through ``inputs.model`` on ``inputs.x``). Several layers are captured in one forward and one backward
+by ``layers_activations_and_gradients`` (FullGrad's bias layers, with the input's gradient); the
+one-layer capture is that with one layer.
 
 The layer defaults to the backbone's last feature stage (``vizkit.core.models.default_layer``), the
 layouts are ``vizkit.core.layouts``' (NCHW, channels-last stages, ViT tokens over the patch grid).
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -56,22 +59,46 @@ class CamInputs:
 def layer_activation_and_gradient(model, x, target, layer: str, method_name: str, gradient: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's output for x and (``gradient``) the gradient of the target's summed score with
     respect to it; without it, one forward under no_grad."""
-    module = find_layer(model, layer)
-    x = x.detach()
-    with torch.enable_grad() if gradient else torch.no_grad():
-        with capture_output(module, layer) as captured:
-            score = target.score(model, x)
-        if len(captured) != 1:
-            times = "never" if not captured else f"{len(captured)} times"
+    (activation,), (grad,), _ = layers_activations_and_gradients(model, x, target, [layer], method_name, gradient=gradient)
+    return activation, grad
+
+
+def layers_activations_and_gradients(model, x, target, layers: list[str], method_name: str, gradient: bool = True, *,
+                                     input_gradient: bool = False, required: bool = True, choose: str = "method.layer=NAME",
+                                     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], torch.Tensor | None]:
+    """Several layers' outputs for x and (``gradient``) the gradients of the target's summed score with
+    respect to them, from one forward and one backward: (activations, gradients, the input's gradient
+    when ``input_gradient``, else None), detached. The backward stops at the shallowest layer unless
+    ``input_gradient``; without ``gradient``, one forward under no_grad.
+
+    A layer that runs more than once is refused. ``required``: a layer that never runs (before the
+    target) or that the score does not depend on is refused too; otherwise its activation (never run)
+    and gradient are None, for a method that takes many layers by default (FullGrad: a bias the
+    score does not see contributes nothing). ``choose`` ends the refusals: the field to change."""
+    modules = {layer: find_layer(model, layer) for layer in layers}
+    x = x.detach().requires_grad_(gradient and input_gradient)
+    with torch.enable_grad() if gradient else torch.no_grad(), ExitStack() as stack:
+        captured = {layer: stack.enter_context(capture_output(module, layer)) for layer, module in modules.items()}
+        score = target.score(model, x)
+    activations: list[torch.Tensor | None] = []
+    for layer, outputs in captured.items():
+        if len(outputs) > 1 or (required and not outputs):
+            times = "never" if not outputs else f"{len(outputs)} times"
             raise ConfigError(f"{method_name}: layer '{layer}' runs {times} in one forward pass "
-                              f"(before the target, once); choose another with method.layer=NAME")
-        (activation,) = captured
-        if not gradient:
-            return activation.detach(), None
-        if not activation.requires_grad:
+                              f"(before the target, once); choose another with {choose}")
+        activations.append(outputs[0] if outputs else None)
+    if not gradient:
+        return [None if a is None else a.detach() for a in activations], [None] * len(layers), None
+    wanted = ([x] if input_gradient else []) + [a for a in activations if a is not None and a.requires_grad]
+    found = iter(torch.autograd.grad(score.sum(), wanted, allow_unused=True) if wanted else ())
+    input_grad = next(found) if input_gradient else None
+    if input_gradient and input_grad is None:
+        input_grad = torch.zeros_like(x)
+    gradients = [next(found) if a is not None and a.requires_grad else None for a in activations]
+    for layer, grad in zip(layers, gradients):
+        if required and grad is None:
             raise ConfigError(f"{method_name}: the target's score does not depend on layer '{layer}'; choose a layer before the target")
-        (grad,) = torch.autograd.grad(score.sum(), activation)
-    return activation.detach(), grad
+    return [None if a is None else a.detach() for a in activations], gradients, input_grad
 
 
 def feature_map(tensor: torch.Tensor, model, layer: str, input_size, layout: str, method_name: str = "a CAM") -> torch.Tensor:

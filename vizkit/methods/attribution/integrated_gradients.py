@@ -34,6 +34,7 @@ import torch
 
 from vizkit.probes.baselines import check_baseline, pixel_baseline
 from vizkit.core.errors import ConfigError
+from vizkit.core.validate import positive_integers
 from vizkit.probes.gradients import ChannelReductionConfig, input_gradient, reduce_channels
 from vizkit.methods.base import Attribution, AttributionMethod
 from vizkit.core.targets import scores_on_one_input
@@ -66,10 +67,7 @@ class IntegratedGradientsConfig(ChannelReductionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        positive_integers(self, "steps", "batch_size")
         if self.rule not in RULES:
             raise ConfigError(f"rule must be one of {', '.join(RULES)}, got '{self.rule}'")
         check_baseline("integrated_gradients", self.baseline, allow_path=True)

@@ -23,6 +23,7 @@ from typing import Any, Dict
 import torch
 
 from vizkit.core.errors import ConfigError
+from vizkit.core.validate import positive_integers
 from vizkit.probes.gradients import CHANNEL_REDUCTIONS, reduce_channels
 from vizkit.methods.base import AttributionMethod
 
@@ -42,10 +43,7 @@ class SmoothGradConfig:
     def __post_init__(self) -> None:
         if self.base not in BASES:
             raise ConfigError(f"base must be one of {', '.join(BASES)}, got '{self.base}'")
-        for name in ("samples", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        positive_integers(self, "samples", "batch_size")
         if not self.noise >= 0:
             raise ConfigError(f"noise is a non-negative fraction of the input range, got {self.noise}")
         if self.reduce not in ("auto", *CHANNEL_REDUCTIONS):
