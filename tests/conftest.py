@@ -11,6 +11,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 VIZKIT = Path(sys.executable).parent / "vizkit"
+# Under pytest-xdist (make test: two workers) each worker gets its share of the cores: torch's default
+# of one thread per core would put both workers' OpenMP threads on every core, spinning against each
+# other (the compare_attribution sweep: 39 s alone, 152 s beside the other worker). Tests that need two
+# threads set them themselves.
+THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))) \
+    if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(int(THREADS))
 
 
 class Run:
@@ -37,7 +50,7 @@ def vizkit_cli(tmp_path):
     """Run the installed `vizkit` command in a fresh working directory (outputs/ lands there)."""
 
     def run(*args: str, env: dict | None = None, timeout: int = 300) -> Run:
-        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": THREADS, **(env or {})}
         completed = subprocess.run([str(VIZKIT), *args], cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=environment)
         return Run(completed, tmp_path)
 

@@ -19,6 +19,8 @@ QUICK = {  # fields that keep each call short; everything else is the method's d
     "occlusion": {"window": 32, "stride": 32}, "pgd": {"steps": 2}, "deepfool": {"steps": 2},
     "class_model": {"steps": 2}, "feature_viz": {"steps": 2}, "inversion": {"steps": 2}, "deep_dream": {"steps": 3},
     "neural_style": {"steps": 1}, "fooling_images": {"steps": 2}, "top_patches": {"k": 1},
+    "gradient_shap": {"samples": 2}, "smoothgradcam_plus_plus": {"samples": 2},
+    "scorecam": {"batch_size": 64}, "ablationcam": {"batch_size": 64},
 }
 TARGETS = {"feature_viz": "channel:layer3:5"}
 

@@ -51,10 +51,11 @@ FAMILIES: dict[str, list[tuple[str, dict]]] = {
 }
 # cheap settings: the matrix asks whether a method runs and gives a map, not how good the map is
 FIELDS = {"occlusion": {"window": 16, "stride": 16}, "integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2}, "gradient_shap": {"samples": 2},
+          "smoothgradcam_plus_plus": {"relu": False, "samples": 2},
           # random weights may leave a class no positive evidence: without the ReLU an all-zero CAM can
           # only mean that no gradient reached the layer
           "gradcam": {"relu": False}, "guided_gradcam": {"relu": False},
-          **{cam: {"relu": False} for cam in ("gradcam_plus_plus", "xgradcam", "hirescam", "layercam", "eigencam", "smoothgradcam_plus_plus")},
+          **{cam: {"relu": False} for cam in ("gradcam_plus_plus", "xgradcam", "hirescam", "layercam", "eigencam")},
           # and the channel-forward CAMs a small chunk: the matrix's models are small, the defaults sized for 224 px
           "scorecam": {"relu": False, "batch_size": 64}, "ablationcam": {"relu": False, "batch_size": 64}}
 RULE_METHODS = ("guided_backprop", "deconvnet", "guided_gradcam")
