@@ -207,7 +207,7 @@ def test_a_vision_transformer_is_refused_by_name():
 
 
 @pytest.mark.parametrize(("fields", "says"), [
-    ({"composite": "epsilon_plux"}, "composite must be one of epsilon_plus"),
+    ({"composite": "epsilon_plux"}, "composite must be one of epsilon_plus.*; closest: epsilon_plus$"),
     ({"conv": "zbox"}, "first layer only"),
     ({"first": "gradient"}, "first must be one of epsilon"),
     ({"epsilon": -1.0}, "epsilon must be a non-negative number"),

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vizkit.core.errors import ConfigError
+from vizkit.core.errors import ConfigError, did_you_mean
 from vizkit.methods.base import Attribution, AttributionMethod
 from vizkit.probes.gradients import ChannelReductionConfig, reduce_channels
 from vizkit.probes.lrp_rules import AFFINE_RULES, AffineRule, lrp_rules
@@ -70,11 +70,13 @@ class LRPConfig(ChannelReductionConfig):
         super().__post_init__()
         self.composite = self.composite.replace("-", "_")
         if self.composite not in COMPOSITES:
-            raise ConfigError(f"composite must be one of {', '.join(COMPOSITES)}, got '{self.composite}'")
+            raise ConfigError(f"composite must be one of {', '.join(COMPOSITES)}, got '{self.composite}'"
+                              f"{did_you_mean(self.composite, COMPOSITES, 1)}")
         for field in ("first", "conv", "linear"):
             value = getattr(self, field)
             if value and value not in AFFINE_RULES:
-                raise ConfigError(f"{field} must be one of {', '.join(AFFINE_RULES)} (or empty for the composite's), got '{value}'")
+                raise ConfigError(f"{field} must be one of {', '.join(AFFINE_RULES)} (or empty for the composite's), got '{value}'"
+                                  f"{did_you_mean(value, AFFINE_RULES, 1)}")
         if (self.conv or COMPOSITES[self.composite][1]) == "zbox" or (self.linear or COMPOSITES[self.composite][2]) == "zbox":
             raise ConfigError("zbox bounds the pixels: it is a rule for the first layer only (first=zbox)")
         for field in ("epsilon", "stabilizer", "gamma"):
