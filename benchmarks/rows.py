@@ -50,6 +50,9 @@ class Plan:
     smoothgrad_repeats: dict[int, int]
     perturbation_repeats: dict[int, int]
     randomization_repeats: dict[int, int]
+    # Score-CAM and Ablation-CAM: one forward per channel (512 at layer4); at batch 8 one timed call, no
+    # warm-up (the floor and pytorch-grad-cam make 4,096 forwards a call, ~4 min each)
+    many_forward_repeats: dict[int, int] = field(default_factory=lambda: {1: 2, 8: 1})
     randomization_steps: int = 3
     # optimization rows: image side, optimizer steps per run, timed runs, and batch -> rows with a lucent peer
     optimization_size: int = 128
@@ -84,7 +87,9 @@ def method_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tenso
         return catalogue_row(name, model, x, target, plan.smoothgrad_repeats[batch] if name == "gradient_shap" else plan.repeats[batch],
                              plan.smoothgrad_samples[batch])
     if name in CAMS:
-        return cam_row(name, model, x, target, 2 if name in MANY_FORWARDS else plan.repeats[batch])
+        many = name in MANY_FORWARDS
+        return cam_row(name, model, x, target, plan.many_forward_repeats[batch] if many else plan.repeats[batch],
+                       warmup=not many or batch == 1)
     if name == "integrated_gradients":
         return integrated_gradients_row(model, x, target, plan.ig_steps[batch], plan.ig_repeats[batch])
     if name == "smoothgrad":
@@ -103,11 +108,15 @@ def metric_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tenso
     return mask_row(name, model, x, target, plan.repeats[batch], inner=20)
 
 
-def run_rows(names: list[str], stages: set[str], quick: bool, progress: Callable[[Row], None]) -> tuple[list[Row], dict[str, str]]:
+def run_rows(names: list[str], stages: set[str], quick: bool, progress: Callable[[Row], None],
+             batches: tuple[int, ...] | None = None) -> tuple[list[Row], dict[str, str]]:
     """The rows ``names`` asks for, stage by stage (method and metric rows per batch, then runner,
     optimization and scan rows), each handed to ``progress`` when done; and the optimization rows
-    skipped, with why (``NAME/batchB``: reason)."""
+    skipped, with why (``NAME/batchB``: reason). ``batches``: only these of the plan's method and
+    metric batches (default: all)."""
     plan = Plan.make(quick)
+    if batches is not None:
+        plan.batches = tuple(b for b in plan.batches if b in batches)
     methods = [name for name in names if name in METHODS]
     vits = [name for name in names if name in VIT_ROWS]
     metrics = [name for name in names if name in METRICS]
@@ -127,7 +136,7 @@ def run_rows(names: list[str], stages: set[str], quick: bool, progress: Callable
 
     for batch in plan.batches:
         x, target = make_input(batch, plan.size)
-        todo = [(name, method_row) for name in methods if "method" in stages and not (name in MANY_FORWARDS and batch > 1)]
+        todo = [(name, method_row) for name in methods if "method" in stages]
         todo += [(name, metric_row) for name in metrics if "metric" in stages]
         for name, make_row in todo:
             timed_row(lambda: make_row(name, model, x, target, plan))

@@ -19,7 +19,7 @@ from peers import pytorch_grad_cam
 GRADIENT_CAMS = {"gradcam_plus_plus": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "hirescam": "HiResCAM", "layercam": "LayerCAM"}
 FORWARD_CAMS = {"eigencam": "EigenCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM"}
 CAMS = (*GRADIENT_CAMS, *FORWARD_CAMS)
-MANY_FORWARDS = ("scorecam", "ablationcam")  # one forward per channel: batch 1 only in the full plan (batch 8: ~4,000 forwards a call)
+MANY_FORWARDS = ("scorecam", "ablationcam")  # one forward per channel: at batch 8 ~4,000 forwards a call (rows.Plan repeats them less)
 CAM_BATCH_SIZE = 32  # forwards per batch for the many-forward CAMs, theirs and pytorch-grad-cam's alike
 
 
@@ -33,7 +33,7 @@ def channel_forwards_floor(model: nn.Module, x: torch.Tensor, channels: int, bat
                 model(image.unsqueeze(0).expand(min(batch_size, channels - start), -1, -1, -1))
 
 
-def cam_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int) -> Row:
+def cam_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int, warmup: bool = True) -> Row:
     import vizkit
 
     many = name in MANY_FORWARDS
@@ -54,7 +54,7 @@ def cam_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
             "method": lambda: method.attribute(model, x, target),
             "floor": floor,
             "peer": lambda: run_peer(x),
-        }, repeats)
+        }, repeats, warmup=warmup)
     return Row.timed(name, x, times, peer_name, settings=settings,
                      note=note + "; pytorch-grad-cam runs on a copy (its hooks stay while it lives)"
                      + (" and also computes every weight gradient" if name in GRADIENT_CAMS else ""))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """vizkit benchmarks: each method and metric against its floor (the bare passes it needs) and a peer.
 
-    python benchmarks/run.py [--quick] [--rows saliency,deletion,...] [--stages method,metric,runner,optimization,scan] [--out FILE]
+    python benchmarks/run.py [--quick] [--rows saliency,deletion,...] [--stages method,metric,runner,optimization,scan] [--batches 1,8] [--out FILE]
 
 Prints one JSON line per row (the first line is the machine canary and the versions); see
 benchmarks/README.md for the rows and columns. Everything runs on 1 torch thread (PITFALLS.md: with 2
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", default=",".join(STAGES),
                         help="method (the Python API), metric (metrics' evaluate), runner (whole runs), optimization "
                              "(optimization methods' Lightning fit per step), scan (a data set's throughput); --quick: no runner")
+    parser.add_argument("--batches", help="comma-separated batch sizes of the method and metric stages (default: the plan's, 1,8)")
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.rows.split(",") if m.strip()]
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")  # "required_grads has been set", hooks notice
     canary_start = canary()
     started = time.perf_counter()
-    rows, skipped = run_rows(names, stages, args.quick, progress)
+    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else None
+    rows, skipped = run_rows(names, stages, args.quick, progress, batches)
     canary_end = canary()
 
     import captum
