@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from harness import THREADS, Row, canary, distribution_version, result_lines, set_threads, write_results
-from rows import ROWS, STAGES, run_rows
+from rows import ROWS, STAGES, Plan, run_rows
 from rows_optimization import OPTIMIZATION_METHODS
 
 
@@ -68,7 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")  # "required_grads has been set", hooks notice
     canary_start = canary()
     started = time.perf_counter()
-    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else None
+    batches = None
+    if args.batches:
+        planned = Plan.make(args.quick).batches
+        try:
+            batches = tuple(int(b) for b in args.batches.split(","))
+        except ValueError:
+            parser.error(f"--batches takes comma-separated integers, got {args.batches!r}")
+        if not set(batches) <= set(planned):
+            parser.error(f"--batches {args.batches}: the plan has batches {','.join(map(str, planned))}")
     rows, skipped = run_rows(names, stages, args.quick, progress, batches)
     canary_end = canary()
 
