@@ -1,6 +1,7 @@
-"""The peers every row is compared with, each behind a small adapter: captum (attribution),
-pytorch-grad-cam (Grad-CAM; on a ViT with its documented ``reshape_transform``), torchattacks (FGSM,
-PGD) and lucent (feature visualization).
+"""The peers every row is compared with, each behind a small adapter: captum (attribution; infidelity
+and max-sensitivity), pytorch-grad-cam (Grad-CAM; on a ViT with its documented ``reshape_transform``;
+ROAD and the confidence metrics), torchattacks (FGSM, PGD; C&W, APGD, APGD-T, FAB-T, Square,
+AutoAttack) and lucent (feature visualization).
 
 Each adapter returns a callable doing the peer's work on the row's inputs, and the name the row
 records for it. What a peer needs that vizkit does not (PITFALLS.md, "Peers") is done here: captum's
@@ -193,6 +194,104 @@ def torchattacks_attack(name: str, model: nn.Module, steps: int) -> tuple[Callab
         peer = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=steps, random_start=True)
     peer.set_normalization_used(mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"])
     return peer, f"torchattacks.{type(peer).__name__}"
+
+
+ROBUSTNESS_PEERS = {  # row -> torchattacks' class and settings (L∞ by default; ε 8/255 passed to all but CW, an L2 attack)
+    "cw": ("CW", {"c": 1, "kappa": 0, "steps": 10, "lr": 0.01}),
+    "apgd_ce": ("APGD", {"eps": 8 / 255, "loss": "ce", "steps": 10, "seed": 0}),
+    "apgd_dlr": ("APGD", {"eps": 8 / 255, "loss": "dlr", "steps": 10, "seed": 0}),
+    "apgd_t": ("APGDT", {"eps": 8 / 255, "n_classes": 4, "steps": 10, "seed": 0}),
+    "fab_t": ("FAB", {"eps": 8 / 255, "multi_targeted": True, "n_classes": 4, "steps": 10, "seed": 0}),
+    "square": ("Square", {"eps": 8 / 255, "n_queries": 100, "seed": 0}),
+    "autoattack": ("AutoAttack", {"eps": 8 / 255, "n_classes": 4, "version": "standard", "seed": 0}),
+}
+
+
+def torchattacks_robustness(name: str, model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], Any], str]:
+    """(the copy it attacks, ``run(x, labels)``, its name): torchattacks' attack for a row of
+    ``ROBUSTNESS_PEERS`` on a deep copy of the model, with ``set_normalization_used(mean, std)``, so
+    it takes and returns the model's normalized input ``x`` (its ``__call__`` maps x back to pixels
+    first, attacks them and normalizes the result). The copy's weight gradients (CW's
+    ``cost.backward()``, FAB's backward) are cleared after every call, so each call is a user's first
+    and the model the other rows use is untouched."""
+    import torchattacks
+
+    class_name, settings = ROBUSTNESS_PEERS[name]
+    copied = copy.deepcopy(model)
+    peer = getattr(torchattacks, class_name)(copied, **settings)
+    peer.set_normalization_used(mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"])
+
+    def run(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        adversarial = peer(x, labels)
+        for parameter in copied.parameters():
+            parameter.grad = None
+        return adversarial
+
+    shown = ", ".join(f"{key}={'8/255' if key == 'eps' else repr(value)}" for key, value in settings.items())
+    return copied, run, f"torchattacks.{class_name}({shown})"
+
+
+# ------------------------------------------------------------------ metrics' peers
+
+
+def pytorch_grad_cam_metric(name: str, percentiles: list[float] | None = None) -> tuple[Callable[..., Any], str]:
+    """``run(x, cams, target, model)``: pytorch-grad-cam's metric for a vizkit one, on numpy maps
+    ``cams`` [B,H,W] and the target class's softmax probability (``ClassifierOutputSoftmaxTarget``):
+    ROAD as ``ROADMostRelevantFirstAverage``/``ROADLeastRelevantFirstAverage`` with ``percentiles``
+    (its shares of pixels kept: 100 - ours), average drop as ``DropInConfidence`` (max(0, Y - O), not
+    divided by Y) and increase in confidence as ``IncreaseInConfidence`` (both
+    ``CamMultImageConfidenceChange``: the normalized input times the map)."""
+    from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence, IncreaseInConfidence
+    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    classes = {"road_morf": ROADMostRelevantFirstAverage, "road_lerf": ROADLeastRelevantFirstAverage,
+               "average_drop": DropInConfidence, "increase_in_confidence": IncreaseInConfidence}
+    peer = classes[name](percentiles) if name.startswith("road") else classes[name]()
+
+    def run(x: torch.Tensor, cams: Any, target: torch.Tensor, model: nn.Module) -> Any:
+        return peer(x, cams, [ClassifierOutputSoftmaxTarget(int(t)) for t in target], model)
+
+    return run, f"pytorch_grad_cam.{type(peer).__name__}" + (f"(percentiles={percentiles})" if percentiles else "")
+
+
+def captum_infidelity(model: nn.Module, std: torch.Tensor, samples: int, per_batch: int, seed: int = 0) -> tuple[Call, str]:
+    """``run(x, attributions, target)``: captum's ``infidelity`` on the logits, ``normalize=True``,
+    ``n_perturb_samples=samples``, ``max_examples_per_batch=per_batch`` (perturbed copies per forward),
+    with a ``perturb_func`` drawing vizkit's kind of noise: per call, one Gaussian ``[C,H,W]`` per
+    sample, ``std`` ([1,C,1,1]: the pixel std over the normalization's) per channel, shared by the
+    inputs (captum's copies are input-major: copy r is sample r % k), and returning (I, x - I)."""
+    from captum.metrics import infidelity
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def run(x: torch.Tensor, attributions: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        def perturb(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            count = inputs.shape[0] // x.shape[0]  # the samples of this call
+            draws = torch.randn((count, *inputs.shape[1:]), generator=generator) * std
+            noise = draws[torch.arange(inputs.shape[0]) % count]
+            return noise, inputs - noise
+
+        return infidelity(model, perturb, x, attributions, target=target, n_perturb_samples=samples,
+                          max_examples_per_batch=per_batch, normalize=True)
+
+    return run, "captum.metrics.infidelity(normalize=True)"
+
+
+def captum_sensitivity_max(model: nn.Module, radius: float, samples: int, per_batch: int) -> tuple[Call, str]:
+    """``run(x, target)``: captum's ``sensitivity_max`` of ``Saliency(model).attribute`` (abs=True),
+    its default uniform perturbation of ``radius`` (input units), ``n_perturb_samples=samples``,
+    ``max_examples_per_batch=per_batch`` (perturbed copies per explanation)."""
+    from captum.attr import Saliency
+    from captum.metrics import sensitivity_max
+
+    saliency = Saliency(model)
+
+    def run(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sensitivity_max(saliency.attribute, x, perturb_radius=radius, n_perturb_samples=samples,
+                               max_examples_per_batch=per_batch, target=target, abs=True)
+
+    return run, "captum.metrics.sensitivity_max(Saliency(abs=True))"
 
 
 # ------------------------------------------------------------------ lucent

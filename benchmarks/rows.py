@@ -1,6 +1,7 @@
 """The benchmark's rows: which exist, the plan of sizes and repeats (full or --quick), and the stages
 that make them, in order. The row functions themselves: ``rows_methods`` (method and metric rows),
-``rows_optimization`` (optimization rows), ``rows_runs`` (runner rows: whole runs; scan rows)."""
+``rows_cams`` and ``rows_catalogue`` (more method rows), ``rows_robustness`` (issue 18's attack and
+metric rows), ``rows_optimization`` (optimization rows), ``rows_runs`` (runner rows: whole runs; scan rows)."""
 from __future__ import annotations
 
 import sys
@@ -21,16 +22,17 @@ from rows_methods import (attack_row, attention_rollout_vit_row, gradcam_row, gr
 from rows_cams import CAMS, MANY_FORWARDS, cam_row
 from rows_catalogue import CATALOGUE, catalogue_row
 from rows_optimization import OPTIMIZATION_METHODS, Skipped, optimization_row
+from rows_robustness import ATTACKS as ROBUSTNESS_ATTACKS, METRICS as ROBUSTNESS_METRICS, robustness_method_row, robustness_metric_row
 from rows_runs import (RUNNER_OVERRIDES, SCAN_RUNS, SCANS, ScanPlan, gradcam_scan_row, runner_row, scan_run_row, top_patches_row,
                        write_image_folder, write_images)
 
 GRADIENT_METHODS = ("saliency", "guided_backprop", "deconvnet", "input_x_gradient")
 ADVERSARIAL_METHODS = ("fgsm", "pgd")
 METHODS = ("occlusion", *GRADIENT_METHODS, "gradcam", "guided_gradcam", "integrated_gradients", "smoothgrad", *ADVERSARIAL_METHODS, *CAMS,
-           *CATALOGUE)
+           *CATALOGUE, *ROBUSTNESS_ATTACKS)  # issue 18's attacks: method stage only (apgd_ce, apgd_t, ... are rows, not methods to run)
 VIT_ROWS = {"gradcam_vit": gradcam_vit_row, "attention_rollout_vit": attention_rollout_vit_row,  # method rows on vit_small_patch16_224
             "gradient_weighted_attention_vit": gradient_weighted_attention_vit_row}
-METRICS = ("deletion", "insertion", "pointing_game", "mask_energy", "randomization")
+METRICS = ("deletion", "insertion", "pointing_game", "mask_energy", "randomization", *ROBUSTNESS_METRICS)
 ROWS = METHODS + tuple(VIT_ROWS) + METRICS + OPTIMIZATION_METHODS + SCANS
 STAGES = ("method", "metric", "runner", "optimization", "scan")
 
@@ -83,6 +85,8 @@ def method_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tenso
         return gradcam_row(model, x, target, plan.repeats[batch])
     if name == "guided_gradcam":
         return guided_gradcam_row(model, x, target, plan.repeats[batch])
+    if name in ROBUSTNESS_ATTACKS:
+        return robustness_method_row(name, model, x, plan)
     if name in CATALOGUE:
         return catalogue_row(name, model, x, target, plan.smoothgrad_repeats[batch] if name == "gradient_shap" else plan.repeats[batch],
                              plan.smoothgrad_samples[batch])
@@ -101,6 +105,8 @@ def method_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tenso
 
 def metric_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, plan: Plan) -> Row:
     batch = x.shape[0]
+    if name in ROBUSTNESS_METRICS:
+        return robustness_metric_row(name, model, x, target, plan)
     if name in ("deletion", "insertion"):
         return perturbation_row(name, model, x, target, plan.perturbation_repeats[batch], warmup=batch == 1)
     if name == "randomization":
@@ -149,7 +155,7 @@ def run_rows(names: list[str], stages: set[str], quick: bool, progress: Callable
         with tempfile.TemporaryDirectory(prefix="vizkit-bench-") as tmp:
             workdir = Path(tmp)
             write_images(workdir / "images")
-            for name in methods:
+            for name in [name for name in methods if name not in ROBUSTNESS_ATTACKS]:  # rows named for their settings, and long runs
                 rows.append(runner_row(name, workdir / "images", workdir, RUNNER_OVERRIDES.get(name, [])))  # row_seconds: its runs'
                 progress(rows[-1])
                 set_threads()

@@ -3,6 +3,7 @@ untargeted attacks, labels from the data or from the clean prediction, the robus
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 from conftest import hparams_in, images_in, read_events, write_image
@@ -67,15 +68,28 @@ def test_adversarial_bad_input(vizkit_cli, args, message):
 
 
 def test_robustness_curve_experiment(vizkit_cli):
-    run = vizkit_cli("-m", "+experiment=robustness_curve", "data.count=6", "method.steps=3", "method.eps=0,2/255,8/255",
-                     "trainer.progress_bar=false", env=ONE_THREAD, timeout=600)
+    """Any attack with an ε runs the experiment: here the AutoAttack ensemble (few steps and queries),
+    whose robust accuracy after each of its attacks gets a column, a scalar, and its per-input record."""
+    run = vizkit_cli("-m", "+experiment=robustness_curve", "method=autoattack", "data.count=6", "method.steps=3", "method.queries=20",
+                     "method.eps=0,2/255,8/255", "trainer.progress_bar=false", env=ONE_THREAD, timeout=600)
     assert run.returncode == 0, run.stderr
     (sweep_dir,) = {path.parent for path in run.cwd.glob("outputs/multirun/*/*/robustness.csv")}
     rows = list(csv.DictReader(open(sweep_dir / "robustness.csv")))
     assert [float(row["eps"]) for row in rows] == pytest.approx([0, 2 / 255, 8 / 255])
     accuracy = [float(row["robust_accuracy"]) for row in rows]
     assert accuracy[0] == 1.0 and accuracy == sorted(accuracy, reverse=True) and accuracy[-1] < accuracy[0]
-    assert "| ε |" in (sweep_dir / "robustness.md").read_text()
+    stages = ["apgd_ce", "apgd_t", "fab_t", "square"]
+    for row in rows:  # robust accuracy falls attack by attack and ends at the run's
+        after = [float(row[f"robust_accuracy_after_{stage}"]) for stage in stages]
+        assert after == sorted(after, reverse=True) and after[-1] == float(row["robust_accuracy"])
+    assert "| ε |" in (sweep_dir / "robustness.md").read_text() and "after apgd_t" in (sweep_dir / "robustness.md").read_text()
     (events,) = (sweep_dir / "robustness").glob("events.out.tfevents.*")
     curve = read_events(events).Scalars("robustness/robust_accuracy")
     assert [point.step for point in curve] == [0, 2, 8] and [point.value for point in curve] == pytest.approx(accuracy)
+    assert len(read_events(events).Scalars("robustness/robust_accuracy_after_apgd_ce")) == 3
+    strongest = json.loads(next(sweep_dir.glob("2_*/results.json")).read_text())
+    broken_by = [record["details"]["broken_by"] for record in strongest["inputs"]]
+    robust = [record["clean_correct"] and record["details"]["broken_by"] == -1 for record in strongest["inputs"]]
+    assert all(b in range(-1, 4) for b in broken_by) and sum(robust) == round(accuracy[-1] * 6)
+    header = next(csv.reader(open(next(sweep_dir.glob("2_*/results.csv")))))
+    assert "details.broken_by" in header

@@ -21,6 +21,8 @@ QUICK = {  # fields that keep each call short; everything else is the method's d
     "neural_style": {"steps": 1}, "fooling_images": {"steps": 2}, "top_patches": {"k": 1},
     "gradient_shap": {"samples": 2}, "smoothgradcam_plus_plus": {"samples": 2},
     "scorecam": {"batch_size": 64}, "ablationcam": {"batch_size": 64},
+    "cw": {"steps": 2, "binary_search_steps": 1}, "apgd": {"steps": 2}, "fab": {"steps": 2}, "square": {"queries": 10},
+    "autoattack": {"steps": 2, "queries": 10},
 }
 TARGETS = {"feature_viz": "channel:layer3:5"}
 

@@ -13,7 +13,8 @@ from vizkit.core.errors import ConfigError
 from vizkit.methods.registry import names_of_kind
 from vizkit.cli.app import run
 
-FAST_CURVES = ["metrics.deletion.steps=8", "metrics.insertion.steps=8"]
+FAST_CURVES = ["metrics.deletion.steps=8", "metrics.insertion.steps=8", "metrics.road_morf.percentiles=[50]", "metrics.road_lerf.percentiles=[50]",
+               "metrics.infidelity.samples=2", "metrics.sensitivity_max.samples=1"]
 
 
 def scalars_in(run_dir):

@@ -23,7 +23,8 @@ from vizkit.core.errors import ConfigError, PluginError
 from vizkit.metrics import METRICS, create_metric, get_metric
 
 VIZKIT = Path(sys.executable).parent / "vizkit"
-BUILT_IN = {"deletion", "insertion", "pointing_game", "mask_energy", "randomization"}
+BUILT_IN = {"deletion", "insertion", "pointing_game", "mask_energy", "randomization", "road_morf", "road_lerf", "average_drop",
+            "increase_in_confidence", "infidelity", "sensitivity_max"}
 
 
 @pytest.fixture

@@ -444,13 +444,16 @@ def test_spearman_is_pearson_of_average_ranks():
 # ---------------------------------------------------------------- registry and configuration
 
 
-def test_registry_holds_the_five_metrics_with_their_direction():
+def test_registry_holds_the_built_in_metrics_with_their_direction():
     built_in = {name: cls for name, cls in METRICS.items() if cls.__module__.startswith("vizkit.metrics.")}  # plugins may add more
     assert {name: cls.better for name, cls in built_in.items()} == {
         "deletion": "lower", "insertion": "higher", "pointing_game": "higher", "mask_energy": "higher", "randomization": "lower",
+        "road_morf": "lower", "road_lerf": "higher", "average_drop": "lower", "increase_in_confidence": "higher",
+        "infidelity": "lower", "sensitivity_max": "lower",
     }
     assert {name for name, cls in built_in.items() if cls.needs_masks} == {"pointing_game", "mask_energy"}
-    assert {name for name, cls in built_in.items() if cls.needs_class} == {"deletion", "insertion"}
+    assert {name for name, cls in built_in.items() if cls.needs_class} == {"deletion", "insertion", "road_morf", "road_lerf", "average_drop",
+                                                                          "increase_in_confidence", "infidelity"}
     assert create_metric("deletion").config.substrate == "black" and create_metric("insertion").config.substrate == "blur"
 
 

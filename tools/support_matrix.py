@@ -146,7 +146,8 @@ def measure(families: dict[str, list[tuple[str, dict]]] = FAMILIES, on_model=Non
 # the other families with their defaults, only fewer steps: the matrix asks whether the defaults run
 QUICK = {"class_model": {"steps": 1}, "feature_viz": {"steps": 1}, "inversion": {"steps": 1}, "deep_dream": {"steps": 3},
          "neural_style": {"steps": 1}, "fooling_images": {"steps": 1}, "pgd": {"steps": 1}, "deepfool": {"steps": 1},
-         "top_patches": {"k": 1}}
+         "top_patches": {"k": 1}, "cw": {"steps": 1, "binary_search_steps": 1}, "apgd": {"steps": 1}, "fab": {"steps": 1},
+         "square": {"queries": 2}, "autoattack": {"steps": 1, "queries": 2}}
 
 
 def other_methods() -> list[str]:

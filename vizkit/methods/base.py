@@ -35,9 +35,11 @@ class below that does its argument handling, so a method file is only its idea:
   optimizer, log_every, seed, max_loss).
 
 * ``AdversarialMethod``: implement ``perturb(model, pixels, labels, targets, space) -> adversarial
-  pixels`` (pixel space [0, 1]; ``space`` normalizes for the model); callers use
-  ``attack(model, x, labels, target=...)`` in the model's input space. ε and step sizes are pixel
-  units (``eps="8/255"`` as written).
+  pixels`` (pixel space [0, 1]; ``space`` normalizes for the model), or a ``Perturbed(pixels,
+  details)`` when it also records something per input (which of an ensemble's attacks broke it);
+  callers use ``attack(model, x, labels, target=...)`` in the model's input space, and
+  ``attack_with_details`` for both. ε and step sizes are pixel units (``eps="8/255"`` as written).
+  ``report(records)`` may add run-level figures computed from those details.
 
 * ``InspectionMethod``: looks at the network itself (its weights, or what excites it over a data set)
   and returns ``Inspection(pictures, tags, metrics, records)``. A data-free method (``filters``)
@@ -84,6 +86,14 @@ class Attribution:
     """What an attribution method returns when it has more to say than the maps."""
 
     maps: "torch.Tensor"  # [B,1,H,W] (or [B,C,H,W]) float, detached
+    details: dict[str, "torch.Tensor"] = dataclasses.field(default_factory=dict)  # name -> [B] per-input numbers
+
+
+@dataclasses.dataclass
+class Perturbed:
+    """What an adversarial method returns when it has more to say than the adversarial pixels."""
+
+    pixels: "torch.Tensor"  # [B,3,H,W] adversarial pixels in [0, 1] (from ``perturb``) or model inputs (from ``attack_with_details``)
     details: dict[str, "torch.Tensor"] = dataclasses.field(default_factory=dict)  # name -> [B] per-input numbers
 
 
@@ -330,6 +340,11 @@ class AdversarialMethod(Method):
         class for every input (``"class:star"``, an index, or [B] indices): a targeted attack moves
         towards it. The model is not modified.
         """
+        return self.attack_with_details(model, x, labels, target=target, mean=mean, std=std).pixels
+
+    def attack_with_details(self, model: "torch.nn.Module", x: "torch.Tensor", labels: Any = None, *, target: Any = None,
+                            mean: Any = None, std: Any = None) -> Perturbed:
+        """``attack``, plus the per-input ``details`` the method recorded (empty for most)."""
         import torch
 
         from vizkit.core.hooks import evaluating
@@ -344,8 +359,14 @@ class AdversarialMethod(Method):
             labels = self.labels(model, x, labels)
             targets = self.targets(model, x, target)
             with torch.enable_grad():
-                adversarial = self.perturb(model, pixels, labels, targets, space)
-        return space.from_pixels(adversarial.detach()).to(x.dtype)
+                result = as_perturbed(self.perturb(model, pixels, labels, targets, space))
+        return Perturbed(space.from_pixels(result.pixels.detach()).to(x.dtype), result.details)
+
+    def report(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Run-level figures beyond those every attack gets (clean and robust accuracy, success rate,
+        norms), from the run's per-input records (each holds ``details``: this method's per-input
+        numbers, ``clean_correct`` and ``adversarial_correct``). Default: none."""
+        return {}
 
     def labels(self, model: "torch.nn.Module", x: "torch.Tensor", labels: Any) -> "torch.Tensor":
         """[B] long labels on x's device: those given, else the model's clean top-1 prediction."""
@@ -375,12 +396,18 @@ class AdversarialMethod(Method):
         return resolved.indices.to(x.device)
 
     def perturb(self, model: "torch.nn.Module", pixels: "torch.Tensor", labels: "torch.Tensor",
-                targets: "torch.Tensor | None", space: "PixelSpace") -> "torch.Tensor":
+                targets: "torch.Tensor | None", space: "PixelSpace") -> "torch.Tensor | Perturbed":
         """The method's math, in pixel space: ``pixels`` [B,3,H,W] in [0, 1] (detached), ``labels`` [B],
         ``targets`` [B] or None; the model takes ``space.from_pixels(p)``. Return adversarial pixels,
-        valid ([0, 1]) and within the method's budget. Gradients are enabled; ask autograd for the
-        input's gradient only (``torch.autograd.grad``), never the weights'."""
+        valid ([0, 1]) and within the method's budget, or a ``Perturbed`` with per-input details.
+        Gradients are enabled; ask autograd for the input's gradient only (``torch.autograd.grad``),
+        never the weights'."""
         raise NotImplementedError
+
+
+def as_perturbed(result: Any) -> Perturbed:
+    """``perturb``'s result as a ``Perturbed`` (a bare tensor has no details)."""
+    return result if isinstance(result, Perturbed) else Perturbed(result)
 
 
 @dataclasses.dataclass

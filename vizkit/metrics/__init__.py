@@ -7,6 +7,12 @@ Built in (registered in vizkit's own ``pyproject.toml``):
     pointing_game   does the map's maximum lie on the object (higher)
     mask_energy     share of positive attribution on the object (higher)
     randomization   rank correlation of maps with the trained and re-initialized models (lower)
+    road_morf       class probability as the most relevant pixels are imputed away (ROAD; lower)
+    road_lerf       class probability as the least relevant pixels are imputed away (ROAD; higher)
+    average_drop    relative drop of the class probability on the image masked by the map (lower)
+    increase_in_confidence  whether the masked image is more confident than the image (higher)
+    infidelity      squared error of the map's prediction of the score drop under Gaussian noise (lower)
+    sensitivity_max largest relative change of the map under small input noise; reruns the method (lower)
 
 Every metric, built-in or third-party, registers through the entry-point group ``vizkit.metrics``
 (``gini = "vizkit_sparsity.gini:Gini"``) and is discovered by ``vizkit.core.plugins``, the code the

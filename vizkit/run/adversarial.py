@@ -5,10 +5,12 @@ attack then asks "can the prediction be changed?", and clean accuracy is not def
 ``target=class:...`` makes the attack targeted; the default ``predicted`` leaves it untargeted.
 
 Per input (``results.json`` -> inputs): clean and adversarial top-5, the label and where it came from,
-success, and the perturbation's L∞, L2 and L0 norms in pixel units. Per run (``metrics``, TensorBoard
+success, the perturbation's L∞, L2 and L0 norms in pixel units, and the method's own per-input
+``details`` (autoattack: which attack broke the input). Per run (``metrics``, TensorBoard
 scalars and HParams): clean accuracy, robust accuracy (adversarial prediction = label), success rate
 (untargeted: the share of correctly classified inputs whose prediction the attack changed; targeted:
-the share of inputs that reach the target), mean and max norms. Pictures: clean | adversarial |
+the share of inputs that reach the target), mean and max norms, and the method's ``report`` (autoattack:
+robust accuracy after each of its attacks). Pictures: clean | adversarial |
 perturbation, the last amplified for viewing around mid-gray, tagged ``INPUT/panel`` (the same card
 for every run of an ε sweep); the caption over it and the image's description say the clean and the
 adversarial prediction and the amplification factor, which ``results.json`` also holds.
@@ -27,7 +29,7 @@ from vizkit.core.models import class_label
 from vizkit.core.pixels import PixelSpace
 from vizkit.core.targets import parse_target, resolve_spec
 from vizkit.methods.adversarial.budget import perturbation_norms
-from vizkit.methods.base import AdversarialMethod
+from vizkit.methods.base import AdversarialMethod, as_perturbed
 from vizkit.output.writer import RunWriter
 from vizkit.run.family import FamilyRun, Summary, flat_row, top5
 from vizkit.run.stream import stream
@@ -45,7 +47,8 @@ def attack_task(model: torch.nn.Module, method: AdversarialMethod, pixels: Pixel
             label = torch.tensor([clean_logits.argmax(1)[row].item() if value is None else value for row, value in enumerate(known)],
                                  device=images.device)
             targets = None if target_class is None else torch.full_like(label, target_class)
-            adversarial, seconds = timed_with_grad(images.device, lambda: method.perturb(self.model, images.detach(), label, targets, space).detach())
+            result, seconds = timed_with_grad(images.device, lambda: as_perturbed(method.perturb(self.model, images.detach(), label, targets, space)))
+            adversarial = result.pixels.detach()
             with torch.no_grad():
                 adversarial_logits = self.model(space.from_pixels(adversarial))
             return {
@@ -56,6 +59,7 @@ def attack_task(model: torch.nn.Module, method: AdversarialMethod, pixels: Pixel
                 "adversarial": adversarial_logits.float().softmax(1).cpu(),
                 "pixels": adversarial.float().cpu(),
                 "clean_pixels": images.detach().float().cpu(),
+                "details": {name: values.detach().cpu() for name, values in result.details.items()},
                 "seconds": seconds,
             }
 
@@ -112,6 +116,7 @@ class AdversarialRun(FamilyRun):
                 "success": bool(success),
                 "norms": {key: float(values[row]) for key, values in norms.items()},
                 "amplification": factor,
+                "details": {name: values[row].item() for name, values in batch["details"].items()},
                 "seconds": batch["seconds"] / len(indices),
             }
             clean, adversarial = records[index]["clean_top5"][0], records[index]["adversarial_top5"][0]
@@ -127,6 +132,7 @@ class AdversarialRun(FamilyRun):
     def summarize(self) -> Summary:
         records, clock = self.streamed.records, self.clock
         summary = _adversarial_summary(records, self.target_class is not None)
+        summary.update(self.method.report(records))
         method_seconds = sum(record["seconds"] for record in records)
         return Summary(
             target=str(self.spec),
@@ -151,7 +157,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     return {"name": record["name"], "source": record["source"], "label": record["label"], "label_name": record["label_name"],
             "label_source": record["label_source"], "clean": clean["name"], "clean_probability": clean["probability"],
             "adversarial": adversarial["name"], "adversarial_probability": adversarial["probability"],
-            **flat_row({key: record[key] for key in ("clean_correct", "adversarial_correct", "success", "target", "norms")}),
+            **flat_row({key: record[key] for key in ("clean_correct", "adversarial_correct", "success", "target", "norms", "details")}),
             "amplification": record["amplification"], "seconds": record["seconds"], "png": record["png"]}
 
 

@@ -6,11 +6,12 @@ Config fields holding an amount are typed ``Any`` so that Hydra passes ``8/255``
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from vizkit.core.errors import ConfigError
+
+if TYPE_CHECKING:  # the metrics' registry reads ``pixel_amount`` and must import without torch
+    import torch
 
 NORMS = ("linf", "l2")
 
@@ -34,7 +35,7 @@ def check_norm(norm: str) -> str:
     return norm
 
 
-def perturbation_norms(clean: torch.Tensor, adversarial: torch.Tensor) -> dict[str, torch.Tensor]:
+def perturbation_norms(clean: "torch.Tensor", adversarial: "torch.Tensor") -> dict[str, "torch.Tensor"]:
     """Per input, in pixel units: the L∞, L2 and L0 (changed pixel values) norms of the perturbation."""
     delta = (adversarial - clean).flatten(1).float()
     return {"linf": delta.abs().amax(1), "l2": delta.norm(dim=1), "l0": (delta != 0).float().sum(1)}
