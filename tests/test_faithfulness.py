@@ -27,7 +27,7 @@ def scalars_in(run_dir):
 
 
 def test_metrics_land_in_results_tensorboard_and_hparams(compose, tmp_path):
-    cfg = compose("data=shapes", "data.count=3", "method=gradcam", "metrics=[deletion,insertion,pointing_game,mask_energy]", *FAST_CURVES)
+    cfg = compose("data=shapes", "data.count=3", "method=gradcam", "metrics=[deletion,insertion,pointing_game,mask_energy]", *FAST_CURVES[:2])  # the curves it runs
     results = run(cfg, tmp_path)
     names = ["deletion", "insertion", "pointing_game", "mask_energy"]
     for record in results["inputs"]:
