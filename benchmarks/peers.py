@@ -185,7 +185,8 @@ def vit_reshape_transform(height: int = 14, width: int = 14) -> Callable[[torch.
 
 def torchattacks_attack(name: str, model: nn.Module, steps: int) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any], str]:
     """torchattacks' FGSM or PGD (ε 8/255, step 2/255, random start) with the model's normalization set:
-    ``run(pixels, labels)`` on pixels in [0, 1]."""
+    ``run(x, labels)`` on the model's normalized input (torchattacks 3.5's ``__call__`` maps it back to
+    pixels in [0, 1], attacks them and normalizes the result)."""
     import torchattacks
 
     if name == "fgsm":

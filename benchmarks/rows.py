@@ -23,7 +23,7 @@ from rows_cams import CAMS, MANY_FORWARDS, cam_row
 from rows_catalogue import CATALOGUE, catalogue_row
 from rows_optimization import OPTIMIZATION_METHODS, Skipped, optimization_row
 from rows_robustness import ATTACKS as ROBUSTNESS_ATTACKS, METRICS as ROBUSTNESS_METRICS, robustness_method_row, robustness_metric_row
-from rows_runs import (RUNNER_OVERRIDES, SCAN_RUNS, SCANS, ScanPlan, gradcam_scan_row, runner_row, scan_run_row, top_patches_row,
+from rows_runs import (SCAN_RUNS, SCANS, ScanPlan, gradcam_scan_row, runner_row, scan_run_row, top_patches_row,
                        write_image_folder, write_images)
 
 GRADIENT_METHODS = ("saliency", "guided_backprop", "deconvnet", "input_x_gradient")
@@ -156,7 +156,7 @@ def run_rows(names: list[str], stages: set[str], quick: bool, progress: Callable
             workdir = Path(tmp)
             write_images(workdir / "images")
             for name in [name for name in methods if name not in ROBUSTNESS_ATTACKS]:  # rows named for their settings, and long runs
-                rows.append(runner_row(name, workdir / "images", workdir, RUNNER_OVERRIDES.get(name, [])))  # row_seconds: its runs'
+                rows.append(runner_row(name, workdir / "images", workdir))  # row_seconds: its runs'
                 progress(rows[-1])
                 set_threads()
     skipped: dict[str, str] = {}

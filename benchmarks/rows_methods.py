@@ -41,7 +41,8 @@ def gradient_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Ten
 
 def attack_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, repeats: int) -> Row:
     """FGSM (1 step) or PGD L∞ (10 steps, random start) at ε 8/255, step 2/255, against torchattacks
-    on the same pixels with the model's normalization set (``set_normalization_used``). Labels: the
+    with the model's normalization set (``set_normalization_used``): torchattacks 3.5 then takes the
+    normalized input, as vizkit's ``attack`` does, and maps it to pixels itself. Labels: the
     row's targets, untargeted. Floor: ``steps`` x (forward of the normalized pixels + cross-entropy +
     autograd.grad to the input)."""
     import torch.nn.functional as F
@@ -69,10 +70,10 @@ def attack_row(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tenso
     times = time_alternating({
         "method": lambda: method.attack(model, space_x, target),
         "floor": floor,
-        "peer": lambda: peer(pixels, target),
+        "peer": lambda: peer(space_x, target),
     }, repeats)
     note = (f"eps 8/255 (pixels), {steps} step(s)" + ("" if name == "fgsm" else ", step 2/255, random start") +
-            "; torchattacks on the same pixels with set_normalization_used(mean, std); floor: steps x (forward + "
+            "; torchattacks on the same normalized input with set_normalization_used(mean, std); floor: steps x (forward + "
             "cross-entropy + autograd.grad to the input)")
     return Row.timed(name, x, times, peer_name, passes=x.shape[0] * steps, settings={"eps": "8/255", "steps": steps}, note=note)
 

@@ -46,14 +46,23 @@ def write_images(folder: Path, count: int = 8, size: int = 224) -> None:
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"random{i}.png")
 
 
-def runner_row(name: str, images: Path, workdir: Path, overrides: list[str], repeats: int = 3) -> Row:
+def runner_method(name: str) -> tuple[str, list[str]]:
+    """The method a row runs and the overrides that make it that row: ``lrp_epsilon_plus`` is
+    ``method=lrp method.composite=epsilon_plus``; any other row is the method of its name."""
+    if name.startswith("lrp_"):
+        return "lrp", [f"method.composite={name.removeprefix('lrp_')}"]
+    return name, RUNNER_OVERRIDES.get(name, [])
+
+
+def runner_row(name: str, images: Path, workdir: Path, repeats: int = 3) -> Row:
     """``repeats`` whole runs, one after another, each in a fresh subprocess; seconds and floor are the
     medians (a run's fixed costs are a few tenths of a second, where one busy moment shows)."""
+    method, overrides = runner_method(name)
     runs = []
     for repeat in range(repeats):
         run_dir = workdir / f"run-{name}-{repeat}"
         command = [sys.executable, "-m", "vizkit.cli.app", f"model={MODEL}", "data=images", f"data.paths=[{images}]",
-                   "data.batch_size=8", "trainer.accelerator=cpu", f"method={name}", *overrides, f"hydra.run.dir={run_dir}"]
+                   "data.batch_size=8", "trainer.accelerator=cpu", f"method={method}", *overrides, f"hydra.run.dir={run_dir}"]
         started = time.perf_counter()
         done = subprocess.run(command, cwd=workdir, env=run_env(), capture_output=True, text=True)
         wall = time.perf_counter() - started

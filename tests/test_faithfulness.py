@@ -44,6 +44,18 @@ def test_metrics_land_in_results_tensorboard_and_hparams(compose, tmp_path):
     assert "_hparams_/session_start_info" in hparams_in(tmp_path)
 
 
+def test_the_perturbation_metrics_run_in_a_run(compose, tmp_path):
+    """ROAD, average drop, increase in confidence, infidelity and sensitivity-max through the runner:
+    one figure per input, their mean per run (the comparison sweep leaves the two costly ones out)."""
+    names = ["road_morf", "road_lerf", "average_drop", "increase_in_confidence", "infidelity", "sensitivity_max"]
+    results = run(compose("data=shapes", "data.count=2", "method=gradcam", f"metrics=[{','.join(names)}]", *FAST_CURVES[2:]), tmp_path)
+    for record in results["inputs"]:
+        assert set(record["metrics"]) == set(names) and all(np.isfinite(v) for v in record["metrics"].values())
+    for name in names:
+        assert results["metrics"][name] == pytest.approx(np.mean([r["metrics"][name] for r in results["inputs"]]))
+    assert {"metrics/sensitivity_max", "metrics/road_morf"} <= set(scalars_in(tmp_path))
+
+
 def test_integrated_gradients_reports_its_completeness_error_per_input(compose, tmp_path):
     results = run(compose("data=shapes", "data.count=3", "method=integrated_gradients", "method.steps=16"), tmp_path)
     errors = [r["details"]["completeness_error"] for r in results["inputs"]]
@@ -119,9 +131,12 @@ def read_summary(sweep_dir):
 
 def test_compare_attribution_ranks_every_attribution_method(vizkit_cli):
     """The experiment: every registered attribution method (built-ins and the RISE plugin), every metric
-    that applies to the shapes set, one ranked table (CSV and Markdown) in the sweep directory."""
+    that applies to the shapes set, one ranked table (CSV and Markdown) in the sweep directory.
+    Less sensitivity_max and infidelity, which re-run or re-score each method many times (a third of
+    the sweep's time) and have their own tests, run-layer ones included."""
     result = vizkit_cli("-m", "+experiment=compare_attribution", "data.count=2", "trainer.progress_bar=false",
-                        "metrics.randomization.max_steps=1", *FAST_CURVES, timeout=600)
+                        "metrics.randomization.max_steps=1", "~metrics.sensitivity_max", "~metrics.infidelity",
+                        *FAST_CURVES[:4], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (result.cwd / "outputs" / "multirun").glob("*/*")
     rows = read_summary(sweep_dir)
