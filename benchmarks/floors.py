@@ -10,13 +10,13 @@ from torch import nn
 from harness import MODEL, VIT_MODEL
 
 
-def make_model() -> nn.Module:
-    """timm resnet18, random weights, eval; BatchNorm gammas re-initialized to non-zero (timm zeroes
-    each block's last one, which would leave every residual branch at 0)."""
+def make_model(name: str = MODEL) -> nn.Module:
+    """A timm model (resnet18 unless named), random weights, eval; BatchNorm gammas re-initialized to
+    non-zero (timm zeroes each block's last one, which would leave every residual branch at 0)."""
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(MODEL, pretrained=False).eval()
+    model = timm.create_model(name, pretrained=False).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):

@@ -114,6 +114,12 @@ class Method(Configured):
                             f"'{base.kind}': the kind comes from the base class (drop kind=, or subclass another base)")
 
 
+    def notes(self) -> dict[str, Any]:
+        """What the calls so far decided that a reader of results.json should know (its ``method.notes``):
+        which code path ran, say (occlusion's incremental or naive inference). JSON-able; default none."""
+        return {}
+
+
 _KIND_BASES: list[type] = []  # AttributionMethod, OptimizationMethod, ...: the only classes that set ``kind``
 
 

@@ -76,7 +76,8 @@ class RunWriter:
         """Log one input's map; returns the PNG's path relative to the run directory."""
         return self.add_attributions([(name, pixels, attribution, caption)])[0]
 
-    def _render(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor, caption: str, tag: bool) -> tuple[str, bytes, np.ndarray]:
+    def _render(self, name: str, pixels: torch.Tensor, attribution: torch.Tensor, caption: str, tag: bool,
+                panel: str = "panel") -> tuple[str, bytes, np.ndarray]:
         """Draw one input's panel (``caption`` above it), encode it once, write it to disk; returns the
         panel's relative path, its TensorBoard record (the same PNG bytes; empty when ``tag`` is
         false) and the map."""
@@ -88,17 +89,18 @@ class RunWriter:
         relative = f"images/{name}.png"
         with open(self.run_dir / relative, "xb") as file:  # never replace an earlier picture
             file.write(encoded)
-        record = image_record(f"{name}/panel", picture, encoded=encoded, description=caption) if tag else b""
+        record = image_record(f"{name}/{panel}", picture, encoded=encoded, description=caption) if tag else b""
         return relative, record, attribution.float().cpu().numpy()
 
-    def add_attributions(self, items: list[tuple[str, torch.Tensor, torch.Tensor, str]], tensorboard: list[bool] | None = None) -> list[str]:
+    def add_attributions(self, items: list[tuple[str, torch.Tensor, torch.Tensor, str]], tensorboard: list[bool] | None = None,
+                         panel: str = "panel") -> list[str]:
         """``add_attribution`` for many inputs ``(name, pixels, map, caption)`` at once, rendered in
         parallel (zlib and numpy release the GIL), the TensorBoard records written in input order;
         ``tensorboard``: which of them also become TensorBoard images (all by default; every one is on disk)."""
         tags = tensorboard or [True] * len(items)
         workers = max(1, min(len(items), os.cpu_count() or 1, 8))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            rendered = list(pool.map(lambda item: self._render(*item[0], item[1]), zip(items, tags)))
+            rendered = list(pool.map(lambda item: self._render(*item[0], item[1], panel), zip(items, tags)))
         for (name, *_), (_, _, attribution) in zip(items, rendered):
             self.maps.add(name, attribution)
         self._write_events(b"".join(record for _, record, _ in rendered))

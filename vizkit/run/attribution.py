@@ -116,9 +116,12 @@ class AttributionRun(FamilyRun):
         indices = batch["indices"].tolist()
         entries = [self.inputs.entries[index] for index in indices]
         targets = [_target_record(batch, row, names) for row in range(len(indices))]
-        captions = [f"{_target_caption(target)} · {self.method.name}" for target in targets]
+        approximate = bool(self.method.notes().get("approximate"))  # an approximate map says so in its caption and tag
+        label = f"{self.method.name} (approximate)" if approximate else self.method.name
+        captions = [f"{_target_caption(target)} · {label}" for target in targets]
         pngs = writer.add_attributions([(entry.name, batch["pixels"][row], batch["maps"][row], captions[row]) for row, entry in enumerate(entries)],
-                                       tensorboard=[index < to_tensorboard for index in indices])
+                                       tensorboard=[index < to_tensorboard for index in indices],
+                                       panel="panel_approximate" if approximate else "panel")
         per_input = batch["seconds"] / len(indices)
         metric_seconds = batch["metric_seconds"] / len(indices)
         return {index: {

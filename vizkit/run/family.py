@@ -129,7 +129,8 @@ def header(run: FamilyRun, target: Any) -> dict[str, Any]:
     """The first entries of every results.json: the method and its config, the model, the target, the device."""
     config, names = run.settings.model, run.names
     return {
-        "method": {"name": run.method.name, "kind": run.method.kind, "config": asdict(run.method.config)},
+        "method": {"name": run.method.name, "kind": run.method.kind, "config": asdict(run.method.config),
+                   **({"notes": notes} if (notes := run.method.notes()) else {})},
         "model": {"name": str(config.name), "pretrained": bool(config.pretrained), "checkpoint": config.checkpoint,
                   "num_classes": len(names) if names else None,
                   "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in run.model_data.items()} or None},
