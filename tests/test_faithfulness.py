@@ -13,6 +13,7 @@ from vizkit.core.errors import ConfigError
 from vizkit.methods.registry import names_of_kind
 from vizkit.cli.app import run
 
+PERTURBATION_METRICS = ["road_morf", "road_lerf", "average_drop", "increase_in_confidence", "infidelity", "sensitivity_max"]
 FAST_CURVES = ["metrics.deletion.steps=8", "metrics.insertion.steps=8", "metrics.road_morf.percentiles=[50]", "metrics.road_lerf.percentiles=[50]",
                "metrics.infidelity.samples=2", "metrics.sensitivity_max.samples=1"]
 
@@ -47,7 +48,7 @@ def test_metrics_land_in_results_tensorboard_and_hparams(compose, tmp_path):
 def test_the_perturbation_metrics_run_in_a_run(compose, tmp_path):
     """ROAD, average drop, increase in confidence, infidelity and sensitivity-max through the runner:
     one figure per input, their mean per run (the comparison sweep leaves the two costly ones out)."""
-    names = ["road_morf", "road_lerf", "average_drop", "increase_in_confidence", "infidelity", "sensitivity_max"]
+    names = PERTURBATION_METRICS
     results = run(compose("data=shapes", "data.count=2", "method=gradcam", f"metrics=[{','.join(names)}]", *FAST_CURVES[2:]), tmp_path)
     for record in results["inputs"]:
         assert set(record["metrics"]) == set(names) and all(np.isfinite(v) for v in record["metrics"].values())
@@ -132,11 +133,11 @@ def read_summary(sweep_dir):
 def test_compare_attribution_ranks_every_attribution_method(vizkit_cli):
     """The experiment: every registered attribution method (built-ins and the RISE plugin), every metric
     that applies to the shapes set, one ranked table (CSV and Markdown) in the sweep directory.
-    Less sensitivity_max and infidelity, which re-run or re-score each method many times (a third of
-    the sweep's time) and have their own tests, run-layer ones included."""
+    Less the perturbation metrics (ROAD's imputation, sensitivity-max's and infidelity's many passes: a
+    third of the sweep's time), which have their own tests, a run-layer one included."""
     result = vizkit_cli("-m", "+experiment=compare_attribution", "data.count=2", "trainer.progress_bar=false",
-                        "metrics.randomization.max_steps=1", "~metrics.sensitivity_max", "~metrics.infidelity",
-                        *FAST_CURVES[:4], timeout=600)
+                        "metrics.randomization.max_steps=1", *(f"~metrics.{name}" for name in PERTURBATION_METRICS),
+                        *FAST_CURVES[:2], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (result.cwd / "outputs" / "multirun").glob("*/*")
     rows = read_summary(sweep_dir)
@@ -163,7 +164,8 @@ def test_compare_attribution_ranks_every_attribution_method(vizkit_cli):
 def test_compare_attribution_with_the_joblib_launcher(vizkit_cli):
     """Jobs in parallel processes; the summary is still written once, by the launching process."""
     result = vizkit_cli("-m", "+experiment=compare_attribution", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                        "method=saliency,gradcam", "data.count=2", "metrics.randomization.max_steps=1", "trainer.progress_bar=false")
+                        "method=saliency,gradcam", "data.count=2", "metrics.randomization.max_steps=1", "trainer.progress_bar=false",
+                        *(f"~metrics.{name}" for name in PERTURBATION_METRICS), *FAST_CURVES[:2])
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (result.cwd / "outputs" / "multirun").glob("*/*")
     rows = read_summary(sweep_dir)

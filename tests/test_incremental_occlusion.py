@@ -30,10 +30,10 @@ def redrawn(name: str) -> nn.Module:
 
 
 def positions(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:
-    """Corners, edges (the flush last windows included), the middle and some on the stride grid."""
+    """Corners (the flush last windows included), next to an edge, and one inside on the stride grid."""
     rows, cols = window_starts(height, window, stride), window_starts(width, window, stride)
-    picks = [(rows[0], cols[0]), (rows[0], cols[-1]), (rows[-1], cols[0]), (rows[-1], cols[-1]), (rows[len(rows) // 2], cols[len(cols) // 2]),
-             (rows[1], cols[-2]), (rows[-2], cols[1]), (rows[len(rows) // 3], cols[2 * len(cols) // 3])]
+    picks = [(rows[0], cols[-1]), (rows[-1], cols[0]), (rows[-1], cols[-1]), (rows[1], cols[-2]),
+             (rows[len(rows) // 3], cols[2 * len(cols) // 3])]
     return list(dict.fromkeys(picks))
 
 
@@ -177,15 +177,15 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_approximate_maps_track_the_exact_ones_on_shapes(embedded):
-    """The defaults (coarse pass at twice the stride, 10 % of the windows drilled into) on 24 held-out
+    """The defaults (coarse pass at twice the stride, 10 % of the windows drilled into) on 12 held-out
     shapes: mean Pearson correlation ≥ 0.95 and the same most important pixel in ≥ 90 % of them.
-    Measured: 24 images mean 0.984 (lowest 0.950), 50 images mean 0.985 (lowest 0.881), the same maximum in
-    all of them."""
+    Measured: 12 images mean 0.982, 24 mean 0.984 (lowest 0.950), 50 mean 0.985 (lowest 0.881), the
+    same maximum in all of them."""
     from vizkit.core.data import load_shapes
     from vizkit.core.models import data_config
     from vizkit.core.pixels import PixelSpace
 
-    samples = load_shapes(24, "test", 0, data_config(embedded))
+    samples = load_shapes(12, "test", 0, data_config(embedded))
     x = PixelSpace.for_model(embedded).from_pixels(torch.stack([sample.pixels for sample in samples]))
     exact = vizkit.create_method("occlusion", batch_size=16).attribute(embedded, x)
     approximate = vizkit.create_method("occlusion", batch_size=16, approximate=True).attribute(embedded, x)
