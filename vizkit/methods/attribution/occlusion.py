@@ -57,7 +57,7 @@ class OcclusionConfig:
     window: int = 16  # side of the square patch, in input pixels
     stride: int = 8  # step between patch positions
     fill: float = 0.5  # the patch's pixel value in [0, 1] (0.5: mid-gray), converted to the model's normalization
-    batch_size: int = 8  # perturbed images per forward pass (on CPU, 4-8 measured fastest; raise it on a GPU)
+    batch_size: int = 8  # perturbed images per forward pass (on CPU, 4-8 measured fastest; raise it on a GPU); incremental passes take 4x
     score: str = "probability"  # drop of the target's softmax probability (the paper) or of its logit
     incremental: bool = True  # recompute only what each patch changes (exact); false: a whole forward per patch
     approximate: bool = False  # Krypton's approximate occlusion (the two fields below); results.json and the tags say so
