@@ -47,7 +47,7 @@ def incremental_row(name: str, repeats: int = 1) -> Row:
     row = Row.timed(name, x, times, peer_name, model=architecture, settings=fields | {"batch_size": method.config.batch_size},
                     note="seconds: the method's incremental (approximate) path; floor: occlusion with incremental=false "
                          "(whole forwards, 8 a pass); one call each, alternating, no warm-up (a call is many passes)")
-    if fns.get("method") is not None and architecture != "vgg16":
+    if architecture != "vgg16":  # the vgg16 row runs the passes directly: the method object did not
         row.extra["path"] = method.notes()
     return row
 

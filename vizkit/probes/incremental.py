@@ -38,12 +38,14 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node, Tracer
+
+Starts = tuple[int, ...]  # a box's first row (or column), per position
 
 DENSE_AT = 0.6  # share of a map a box may cover before plain batched inference is cheaper (measured on resnet18)
 
@@ -65,8 +67,8 @@ class Patch:
     ``top[b] + h``, columns ``left[b]`` to ``left[b] + w`` hold ``values[b]``."""
 
     clean: torch.Tensor  # [1, C, H, W]
-    top: torch.Tensor  # [B] long
-    left: torch.Tensor  # [B] long
+    top: Starts  # per position: host integers, so placing boxes never waits on the device
+    left: Starts
     values: torch.Tensor  # [B, C, h, w]
 
     @property
@@ -77,29 +79,29 @@ class Patch:
         """The full tensors [B, C, H, W]."""
         full = self.clean.expand(self.batch, *self.clean.shape[1:]).clone()
         h, w = self.values.shape[-2:]
-        for b, (top, left) in enumerate(zip(self.top.tolist(), self.left.tolist())):
+        for b, (top, left) in enumerate(zip(self.top, self.left)):
             full[b, :, top:top + h, left:left + w] = self.values[b]
         return full
 
-    def gather(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int, fill: float | None = None) -> torch.Tensor:
+    def gather(self, top: Starts, left: Starts, h: int, w: int, fill: float | None = None) -> torch.Tensor:
         """The full tensors' values in boxes of h x w at (top, left) [B, C, h, w]; cells outside the map
         get ``fill`` (every cell must be inside when it is None)."""
-        if fill is None and (h, w) == tuple(self.values.shape[-2:]) and torch.equal(top, self.top) and torch.equal(left, self.left):
+        if fill is None and (h, w) == tuple(self.values.shape[-2:]) and top == self.top and left == self.left:
             return self.values
         out = gather_clean(self.clean, top, left, h, w, fill, self.batch)
         ph, pw = self.values.shape[-2:]
         # one slice copy per position (Python ints): faster than advanced indexing at these sizes
-        for b, (t, l, pt, pl) in enumerate(zip(top.tolist(), left.tolist(), self.top.tolist(), self.left.tolist())):
+        for b, (t, l, pt, pl) in enumerate(zip(top, left, self.top, self.left)):
             r0, r1, c0, c1 = max(t, pt), min(t + h, pt + ph), max(l, pl), min(l + w, pl + pw)
             if r0 < r1 and c0 < c1:
                 out[b, :, r0 - t:r1 - t, c0 - l:c1 - l] = self.values[b, :, r0 - pt:r1 - pt, c0 - pl:c1 - pl]
         return out
 
 
-def gather_clean(clean: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int, fill: float | None, batch: int) -> torch.Tensor:
+def gather_clean(clean: torch.Tensor, top: Starts, left: Starts, h: int, w: int, fill: float | None, batch: int) -> torch.Tensor:
     """``clean`` [1, C, H, W] in boxes of h x w at (top[b], left[b]): [B, C, h, w], a new tensor; cells
     outside the map get ``fill``."""
-    tops, lefts = top.tolist(), left.tolist()
+    tops, lefts = top, left
     _, channels, height, width = clean.shape
     above, below = max(0, -min(tops)), max(0, max(tops) + h - height)
     before, after = max(0, -min(lefts)), max(0, max(lefts) + w - width)
@@ -113,8 +115,8 @@ def gather_clean(clean: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: 
     return out
 
 
-def _grid(start: torch.Tensor, length: int) -> torch.Tensor:
-    return start[:, None] + torch.arange(length, device=start.device)
+def _grid(start: Starts, length: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(start, device=device)[:, None] + torch.arange(length, device=device)
 
 
 @dataclass(frozen=True)
@@ -130,18 +132,18 @@ class Window:
     def reach(self, axis: int) -> int:
         return (self.kernel[axis] - 1) * self.dilation[axis] + 1
 
-    def output_box(self, top: torch.Tensor, size: int, axis: int, out_size: int) -> tuple[torch.Tensor, int]:
-        """The output positions whose windows meet input rows [top, top + size): (first [B], count),
-        one count for the batch, the boxes shifted inside [0, out_size)."""
+    def output_box(self, top: Starts, size: int, axis: int, out_size: int) -> tuple[Starts, int]:
+        """The output positions whose windows meet input rows [top, top + size): (first per position,
+        count), one count for the batch, the boxes shifted inside [0, out_size)."""
         stride, before, reach = self.stride[axis], self.before[axis], self.reach(axis)
-        first = torch.div(top + before - reach + 1 + stride - 1, stride, rounding_mode="floor").clamp_min(0)
-        last = torch.div(top + size - 1 + before, stride, rounding_mode="floor").clamp_max(out_size - 1)
-        count = min(max(int((last - first).max()) + 1, 1), out_size)
-        return first.clamp_max(out_size - count), count
+        first = [max((t + before - reach + stride) // stride, 0) for t in top]  # ceil((t + before - reach + 1) / stride)
+        last = [min((t + size - 1 + before) // stride, out_size - 1) for t in top]
+        count = min(max(max(l - f for f, l in zip(first, last)) + 1, 1), out_size)
+        return tuple(min(f, out_size - count) for f in first), count
 
-    def input_box(self, first: torch.Tensor, count: int, axis: int) -> tuple[torch.Tensor, int]:
+    def input_box(self, first: Starts, count: int, axis: int) -> tuple[Starts, int]:
         """The input rows output positions [first, first + count) read (padding cells included)."""
-        return first * self.stride[axis] - self.before[axis], (count - 1) * self.stride[axis] + self.reach(axis)
+        return tuple(f * self.stride[axis] - self.before[axis] for f in first), (count - 1) * self.stride[axis] + self.reach(axis)
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -289,7 +291,7 @@ class IncrementalModel:
             return f".{node.target}() ({node.name})"
         return f"{getattr(node.target, '__name__', str(node.target))} ({node.name})"
 
-    def cap(self, first: torch.Tensor, count: int, limit: int) -> tuple[torch.Tensor, int]:
+    def cap(self, first: Starts, count: int, limit: int) -> tuple[Starts, int]:
         """Approximate inference's projective-field threshold: a box wider than ``threshold`` of its map's
         side keeps only its middle (the cells farther out are taken as unchanged: a patch's influence
         fades towards the edge of its projective field). Exact inference keeps every box whole."""
@@ -298,7 +300,7 @@ class IncrementalModel:
         most = max(1, math.ceil(self.threshold * limit))
         if count <= most:
             return first, count
-        return first + (count - most) // 2, most
+        return tuple(f + (count - most) // 2 for f in first), most
 
     def kind(self, node: Node) -> str:
         """window | pointwise | merge | pad | shape, or "global: ..." / "unsupported: ..."."""
@@ -427,7 +429,7 @@ class CleanRun:
         self.output = output  # the traced graph's output for the clean image
         self.report = Report()
 
-    def occluded(self, top: torch.Tensor, left: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+    def occluded(self, top: Sequence[int] | torch.Tensor, left: Sequence[int] | torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
         """The model's output [B, ...] for the clean image with box b (``patch[b]``: [C, h, w]) written at
         (``top[b]``, ``left[b]``)."""
         env: dict[Node, Any] = {}
@@ -435,7 +437,7 @@ class CleanRun:
             if node.op == "output":
                 return torch.fx.node.map_arg(node.args[0], lambda n: _dense(self._value(env, n)))
             if node.op == "placeholder":
-                env[node] = Patch(self.values[node], top, left, patch)
+                env[node] = Patch(self.values[node], _starts(top), _starts(left), patch)
             elif node.op == "get_attr":
                 env[node] = _STATIC
             else:
@@ -502,10 +504,10 @@ class CleanRun:
         return Patch(out_clean, top, left, values)
 
     @staticmethod
-    def _count(op: WindowOp, clean: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def _count(op: WindowOp, clean: torch.Tensor, top: Starts, left: Starts, h: int, w: int) -> torch.Tensor:
         """An average pooling's divisor per output cell: its window's cells within ``op.counted`` of the map."""
         _, _, height, width = clean.shape
-        (pad_y, pad_x), rows, cols = op.counted, _grid(top, h), _grid(left, w)
+        (pad_y, pad_x), rows, cols = op.counted, _grid(top, h, clean.device), _grid(left, w, clean.device)
         valid = ((rows >= -pad_y) & (rows < height + pad_y))[:, :, None] & ((cols >= -pad_x) & (cols < width + pad_x))[:, None, :]
         kernel, stride = op.window.kernel, op.window.stride
         return F.avg_pool2d(valid[:, None].to(clean.dtype), kernel, stride, 0, divisor_override=1)
@@ -534,11 +536,12 @@ class CleanRun:
         patches = [env[n] for n in tensors if isinstance(env[n], Patch)]
         boxes = []
         for axis, limit in enumerate(size):
-            starts = torch.stack([p.top if axis == 0 else p.left for p in patches])
-            ends = starts + torch.tensor([p.values.shape[-2 + axis] for p in patches], device=starts.device)[:, None]
-            first, last = starts.min(0).values, ends.max(0).values
-            count = min(int((last - first).max()), limit)
-            boxes.append(self.engine.cap(first.clamp(0, limit - count), count, limit))
+            starts = [p.top if axis == 0 else p.left for p in patches]
+            sizes = [p.values.shape[-2 + axis] for p in patches]
+            first = [min(column) for column in zip(*starts)]
+            last = [max(s + size for s, size in zip(column, sizes)) for column in zip(*starts)]
+            count = min(max(l - f for f, l in zip(first, last)), limit)
+            boxes.append(self.engine.cap(tuple(min(max(f, 0), limit - count) for f in first), count, limit))
         (top, h), (left, w) = boxes
         replaced = {}
         for n in tensors:
@@ -555,7 +558,7 @@ class CleanRun:
         if bound.get("mode", "constant") != "constant" or len(pad) != 4 or min(pad) < 0:
             raise _NotLocal(f"unsupported: {self.engine.describe(node)} (only a constant padding of the last two dimensions)")
         patch: Patch = env[node.args[0]]
-        return Patch(self.values[node], patch.top + pad[2], patch.left + pad[0], patch.values)
+        return Patch(self.values[node], tuple(t + pad[2] for t in patch.top), tuple(l + pad[0] for l in patch.left), patch.values)
 
     def _apply(self, node: Node, env: dict[Node, Any], replaced: dict[Node, torch.Tensor]) -> torch.Tensor:
         def value(n: Node) -> Any:
@@ -575,6 +578,10 @@ class CleanRun:
             self.report.dense_from, self.report.reason = self.engine.describe(node), reason
         if reason.startswith("unsupported") and reason not in self.report.unsupported:
             self.report.unsupported.append(reason)
+
+
+def _starts(values: Sequence[int] | torch.Tensor) -> Starts:
+    return tuple(values.tolist()) if isinstance(values, torch.Tensor) else tuple(int(v) for v in values)
 
 
 def _dense(value: Any) -> Any:

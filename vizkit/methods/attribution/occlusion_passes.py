@@ -75,8 +75,10 @@ class IncrementalPasses(Passes):
 
     @classmethod
     def prepare(cls, model, x, target, fill, clean_score, select, batch_size, threshold) -> tuple["IncrementalPasses | None", str]:
-        """(the passes, "") or (None, why not): the model traced, its graph run on the first input and
-        checked against the model's own score (fx may have specialized a branch at trace time)."""
+        """(the passes, "") or (None, why not): the model traced, its graph run on every input and
+        checked against the model's own score (fx may have specialized a branch at trace time, and a
+        data-dependent one could hold for one input and not the next). One clean forward per input
+        more than the windows' hundreds, and no mismatch can surface half-way through the windows."""
         from vizkit.probes.incremental import IncrementalModel
 
         engine, why = IncrementalModel.prepare(model, threshold=threshold)
@@ -84,7 +86,8 @@ class IncrementalPasses(Passes):
             return None, why
         passes = cls(engine, x, target, fill, clean_score, select, batch_size)
         try:
-            passes._clean(0)
+            for b in range(x.shape[0]):
+                passes._clean(b)
         except _Unfaithful as error:
             return None, str(error)
         except Exception as error:  # an op whose argument fx turned into a proxy, say
@@ -111,8 +114,7 @@ class IncrementalPasses(Passes):
         out = []
         for start in range(0, len(boxes), self.batch_size):
             chunk = boxes[start : start + self.batch_size]
-            tops = torch.tensor([box[0] for box in chunk], device=self.x.device)
-            lefts = torch.tensor([box[2] for box in chunk], device=self.x.device)
+            tops, lefts = [box[0] for box in chunk], [box[2] for box in chunk]  # host integers: no device round trip
             y0, y1, x0, x1 = chunk[0]  # every window has one size (the last ones are flush with the edges)
             patch = self.fill[0].expand(len(chunk), -1, y1 - y0, x1 - x0)
             images = torch.full((len(chunk),), b, device=self.x.device, dtype=torch.long)
