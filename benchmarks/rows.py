@@ -22,7 +22,7 @@ from rows_methods import (attack_row, attention_rollout_vit_row, gradcam_row, gr
 from rows_cams import CAMS, MANY_FORWARDS, cam_row
 from rows_catalogue import CATALOGUE, catalogue_row
 from rows_optimization import OPTIMIZATION_METHODS, Skipped, optimization_row
-from rows_incremental import INCREMENTAL_ROWS, incremental_row
+from rows_incremental import INCREMENTAL_ROWS, TARGET_SET_ROWS, incremental_row, target_set_row
 from rows_robustness import ATTACKS as ROBUSTNESS_ATTACKS, METRICS as ROBUSTNESS_METRICS, robustness_method_row, robustness_metric_row
 from rows_runs import (SCAN_RUNS, SCANS, ScanPlan, gradcam_scan_row, runner_row, scan_run_row, top_patches_row,
                        write_image_folder, write_images)
@@ -35,7 +35,7 @@ VIT_ROWS = {"gradcam_vit": gradcam_vit_row, "attention_rollout_vit": attention_r
             "gradient_weighted_attention_vit": gradient_weighted_attention_vit_row}
 METRICS = ("deletion", "insertion", "pointing_game", "mask_energy", "randomization", *ROBUSTNESS_METRICS)
 ROWS = METHODS + tuple(VIT_ROWS) + METRICS + OPTIMIZATION_METHODS + SCANS  # the default run
-ALL_ROWS = ROWS + INCREMENTAL_ROWS  # issue 19's rows (minutes of naive occlusion each) run when named
+ALL_ROWS = ROWS + INCREMENTAL_ROWS + TARGET_SET_ROWS  # issue 19's rows (minutes of naive occlusion each) run when named
 STAGES = ("method", "metric", "runner", "optimization", "scan")
 
 
@@ -156,6 +156,8 @@ def run_rows(names: list[str], stages: set[str], quick: bool, progress: Callable
     if "method" in stages:  # issue 19's rows: batch 1, 224 px, their own models (rows_incremental.py)
         for name in [name for name in names if name in INCREMENTAL_ROWS]:
             timed_row(lambda: incremental_row(name))
+        for name in [name for name in names if name in TARGET_SET_ROWS]:
+            timed_row(lambda: target_set_row(name))
     if "runner" in stages and methods:
         with tempfile.TemporaryDirectory(prefix="vizkit-bench-") as tmp:
             workdir = Path(tmp)

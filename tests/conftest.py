@@ -143,3 +143,13 @@ def write_image(path: Path, size=(80, 60), mode="RGB", seed=0) -> Path:
         array = rng.integers(0, 255, (height, width, channels)).astype(np.uint8).squeeze()
         Image.fromarray(array, mode=mode).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    see ``tiny_models.single_thread``."""
+    from tiny_models import single_thread
+
+    with single_thread():
+        yield

@@ -36,6 +36,7 @@ $APP_CONFIG_GROUPS
 == Targets (target=...) ==
   predicted | class:INDEX | class:NAME | channel:LAYER:C | neuron:LAYER:C:Y:X | layer:LAYER
   optimization: also a list, [channel:layer3:5,class:star], or all (class_model: every class)
+  attribution: also top:K or a list, [class:3,class:7]: one map per input and target
   (layers: vizkit-layers MODEL)
 
 == Examples ==

@@ -26,7 +26,10 @@ class below that does its argument handling, so a method file is only its idea:
 * ``AttributionMethod``: implement ``compute(model, x, target, pixels) -> [B,1,H,W]`` (or ``[B,C,H,W]``),
   or an ``Attribution(maps, details)`` when it also measures something per input (integrated
   gradients' completeness error); callers use ``attribute(model, x, target)`` for the maps and
-  ``explain(...)`` for both.
+  ``explain(...)`` for both. ``attribute_targets(model, x, "top:5")`` gives K maps per input,
+  ``[B,K,1,H,W]``, by calling ``compute`` once per target unless the method overrides
+  ``compute_targets(model, x, targets, pixels)`` to share its passes (``targets`` is a
+  ``vizkit.core.target_sets.TargetSet``: ``targets.scores(model, x)`` is ``[B,K]`` from one forward).
 
 * ``OptimizationMethod``: implement ``setup(model, target, images, pixels) -> Problem`` (see
   ``vizkit.optimize.problem``): an image parameterization, a loss and its between-step hooks. Callers
@@ -167,26 +170,66 @@ class AttributionMethod(Method):
     ) -> Attribution:
         """``attribute``, plus the per-input ``details`` a method measured along the way."""
         from vizkit.core.hooks import evaluating
-        from vizkit.core.pixels import PixelSpace
+        from vizkit.core.target_sets import SET_FORMS, is_target_set
         from vizkit.core.targets import resolve_target
+
+        if is_target_set(target):
+            raise ConfigError(f"{self.name}: target {target!r} asks for several maps per input ({SET_FORMS}); "
+                              f"use attribute_targets(model, x, targets), which returns [B, K, 1, H, W]")
+        pixels = self._checked_pixels(model, x, mean, std)
+        with evaluating(model):
+            resolved = resolve_target(target, model, x)
+            self._check_kind(resolved)
+            if resolved.kind == "class":
+                resolved = resolved.to(x.device)
+            result = self.compute(model, x.detach(), resolved, pixels)
+        return _detached(result)
+
+    def attribute_targets(self, model: "torch.nn.Module", x: "torch.Tensor", targets: Any, *, mean: Any = None, std: Any = None) -> "torch.Tensor":
+        """One map per input and target: ``[B, K, 1, H, W]`` (``[B, K, C, H, W]`` where ``attribute``
+        gives C channels), map ``[b, k]`` equal to ``attribute(model, x[b:b+1], column k)``.
+
+        ``targets``: ``"top:K"`` (each input's K most probable classes, most probable first), a list
+        of target strings (``["class:3", "class:7"]``, ``["channel:layer4:3", "channel:layer4:9"]``),
+        or a ``vizkit.core.target_sets.TargetSet``. Methods that can share their passes among the
+        targets do (``compute_targets``): one forward and K vector-Jacobian products for the gradient
+        methods, the K scores read off the same forwards for occlusion and the gradient CAMs.
+        """
+        return self.explain_targets(model, x, targets, mean=mean, std=std).maps
+
+    def explain_targets(self, model: "torch.nn.Module", x: "torch.Tensor", targets: Any, *, mean: Any = None, std: Any = None) -> Attribution:
+        """``attribute_targets``, plus the per-input and per-target ``details`` (``[B, K]``)."""
+        from vizkit.core.hooks import evaluating
+        from vizkit.core.target_sets import resolve_target_set
+
+        pixels = self._checked_pixels(model, x, mean, std)
+        with evaluating(model):
+            resolved = resolve_target_set(targets, model, x)
+            for kind in sorted(resolved.kinds):
+                if kind not in self.target_kinds:
+                    raise ConfigError(f"{self.name} cannot explain a {kind} target ({resolved}); it takes: {', '.join(sorted(self.target_kinds))}")
+            result = self.compute_targets(model, x.detach(), resolved.to(x.device), pixels)
+        return _detached(result)
+
+    def compute_targets(self, model: "torch.nn.Module", x: "torch.Tensor", targets: Any, pixels: "PixelSpace") -> "torch.Tensor | Attribution":
+        """Maps for every target of a ``TargetSet``, ``[B, K, ...]`` (details ``[B, K]``). By default
+        ``compute`` once per column; a method that can share passes among targets overrides this."""
+        results = [self.compute(model, x, column, pixels) for column in targets.columns()]
+        results = [result if isinstance(result, Attribution) else Attribution(result) for result in results]
+        return stacked(results)
+
+    def _checked_pixels(self, model: "torch.nn.Module", x: "torch.Tensor", mean: Any, std: Any) -> "PixelSpace":
+        from vizkit.core.pixels import PixelSpace
         from vizkit.core.validate import check_batch, warn_unnormalized
 
         check_batch(self.name, model, x)
         pixels = PixelSpace.for_model(model, mean=mean, std=std, device=x.device)
         warn_unnormalized(self.name, pixels, x)
-        with evaluating(model):
-            resolved = resolve_target(target, model, x)
-            if resolved.kind not in self.target_kinds:
-                raise ConfigError(
-                    f"{self.name} cannot explain a {resolved.kind} target ({resolved}); "
-                    f"it takes: {', '.join(sorted(self.target_kinds))}"
-                )
-            if resolved.kind == "class":
-                resolved = resolved.to(x.device)
-            result = self.compute(model, x.detach(), resolved, pixels)
-        if not isinstance(result, Attribution):
-            result = Attribution(result)
-        return Attribution(result.maps.detach(), {k: v.detach() for k, v in result.details.items()})
+        return pixels
+
+    def _check_kind(self, resolved: Any) -> None:
+        if resolved.kind not in self.target_kinds:
+            raise ConfigError(f"{self.name} cannot explain a {resolved.kind} target ({resolved}); it takes: {', '.join(sorted(self.target_kinds))}")
 
     def check(self, model: "torch.nn.Module") -> None:
         """Refuse, with a ``ConfigError``, a model this method cannot explain (a layer it does not
@@ -198,6 +241,20 @@ class AttributionMethod(Method):
         converts between the model's input space and pixels in [0, 1]. Return ``[B,1,H,W]`` maps, or
         an ``Attribution`` carrying per-input ``details`` too."""
         raise NotImplementedError
+
+
+def stacked(results: list[Attribution]) -> Attribution:
+    """Per-target results as one: maps ``[B, K, ...]``, details ``[B, K]``."""
+    import torch
+
+    return Attribution(torch.stack([r.maps for r in results], 1),
+                       {name: torch.stack([r.details[name] for r in results], 1) for name in results[0].details})
+
+
+def _detached(result: "torch.Tensor | Attribution") -> Attribution:
+    if not isinstance(result, Attribution):
+        result = Attribution(result)
+    return Attribution(result.maps.detach(), {k: v.detach() for k, v in result.details.items()})
 
 
 class OptimizationMethod(Method):

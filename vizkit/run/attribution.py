@@ -16,10 +16,11 @@ import torch
 
 from vizkit.core.data import Inputs
 from vizkit.core.errors import ConfigError
-from vizkit.core.models import class_label
+from vizkit.core.models import class_label, num_classes
 from vizkit.core.pixels import PixelSpace
+from vizkit.core.target_sets import TargetSet, TopClasses, parse_target_set, resolve_target_set
 from vizkit.core.targets import ClassTarget, PredictedClassTarget, TargetSpec, parse_target, resolve_spec
-from vizkit.methods.base import AttributionMethod
+from vizkit.methods.base import Attribution, AttributionMethod
 from vizkit.metrics.base import Metric, MetricInputs
 from vizkit.output.writer import RunWriter
 from vizkit.run.family import FamilyRun, Summary, flat_row, top5
@@ -27,47 +28,60 @@ from vizkit.run.stream import stream
 from vizkit.run.trainer import pixel_task, timed_with_grad
 
 
-def attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: TargetSpec, pixels: PixelSpace, metrics: list[Metric]):
+def attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: TargetSpec | None, target_set: Any, pixels: PixelSpace,
+                     metrics: list[Metric]):
     class AttributionTask(pixel_task()):
         """The method, then the metrics, per batch. Predictions (top-5 and the 'predicted' target) come
         from the method's own first forward on the clean input; only a method that makes none costs
-        one more forward."""
+        one more forward. A target set (``target_set``: ``top:K`` or a list) gives K maps per input,
+        computed by ``explain_targets`` and laid out ``[B, K, ...]``; one target is the case K = 1."""
 
         def predict_batch(self, batch):
             images, indices, mask_tensor = batch["pixels"], batch["index"], batch["mask"]
             space = self.space(images)
             x = space.from_pixels(images)
-            # 'predicted' reads the classes from the method's own first forward on x (no extra pass)
-            target = PredictedClassTarget(self.model, x) if spec.kind == "predicted" else resolve_spec(spec, self.model, x.shape[0])
-            explained, seconds = timed_with_grad(images.device, lambda: method.explain(self.model, x, target, mean=space.mean, std=space.std))
-            logits = getattr(target, "clean_logits", None)
+            explain = lambda: method.explain_targets(self.model, x, target, mean=space.mean, std=space.std)  # noqa: E731
+            if target_set is not None:
+                target = resolve_target_set(target_set, self.model, x)
+            else:
+                # 'predicted' reads the classes from the method's own first forward on x (no extra pass)
+                target = PredictedClassTarget(self.model, x) if spec.kind == "predicted" else resolve_spec(spec, self.model, x.shape[0])
+                explain = lambda: _as_set(method.explain(self.model, x, target, mean=space.mean, std=space.std))  # noqa: E731
+            explained, seconds = timed_with_grad(images.device, explain)
+            logits = _clean_logits(target)
             if logits is None:  # the method never ran the model on x itself (e.g. a channel target)
                 with torch.no_grad():
                     logits = self.model(x)
-            target_scores = None
-            if target.kind == "class":  # metrics explain the same classes, whatever they run the model on
-                target = ClassTarget(target.indices.to(x.device))
-            else:  # what the caption reports in place of a probability: one more forward, for these targets only
-                with torch.no_grad():
-                    target_scores = target.score(self.model, x).float().cpu()
+            columns = target.columns() if target_set is not None else [target]
+            records = []
+            for column in columns:
+                target_scores = None
+                if column.kind == "class":  # metrics explain the same classes, whatever they run the model on
+                    column = ClassTarget(column.indices.to(x.device))
+                else:  # what the caption reports in place of a probability: one more forward, for these targets only
+                    with torch.no_grad():
+                        target_scores = column.score(self.model, x).float().cpu()
+                records.append((column, target_scores))
             started = time.perf_counter()
-            scores = {}
-            for metric in metrics:
-                inputs = MetricInputs(self.model, x, explained.maps.float(), target, space, method, mask_tensor)
-                with torch.enable_grad():  # randomization re-runs the method
-                    scores[metric.name] = metric.evaluate(inputs)
+            scores: dict[str, list] = {}
+            for k, (column, _) in enumerate(records):
+                for metric in metrics:
+                    inputs = MetricInputs(self.model, x, explained.maps[:, k].float(), column, space, method, mask_tensor)
+                    with torch.enable_grad():  # randomization re-runs the method
+                        scores.setdefault(metric.name, []).append(metric.evaluate(inputs))
             return {
                 "indices": indices.cpu(),
                 "pixels": images.detach().float().cpu(),
                 "probabilities": logits.float().softmax(1).cpu(),
-                "maps": explained.maps.float().cpu(),
-                "details": {name: values.float().cpu() for name, values in explained.details.items()},
-                "metrics": {name: (r.values.float().cpu(), None if r.curve is None else r.curve.float().cpu(), list(r.curve_steps))
-                            for name, r in scores.items()},
-                "target_kind": target.kind,
-                "target_indices": target.indices.cpu() if target.kind == "class" else None,
-                "target_spec": str(target),
-                "target_scores": target_scores,
+                "maps": explained.maps.float().cpu(),  # [B, K, ...]
+                "details": {name: values.float().cpu() for name, values in explained.details.items()},  # [B, K]
+                "metrics": {name: (torch.stack([r.values.float().cpu() for r in results], 1),
+                                   None if results[0].curve is None else torch.stack([r.curve.float().cpu() for r in results], 1),
+                                   list(results[0].curve_steps))
+                            for name, results in scores.items()},
+                "targets": [{"kind": column.kind, "indices": column.indices.cpu() if column.kind == "class" else None,
+                             "spec": str(column), "scores": target_scores} for column, target_scores in records],
+                "labels": list(target.labels) if target_set is not None else None,
                 "seconds": seconds,
                 "metric_seconds": time.perf_counter() - started,
             }
@@ -75,23 +89,46 @@ def attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: Ta
     return AttributionTask(model, pixels)
 
 
+def _as_set(explained: Attribution) -> Attribution:
+    """One target's result laid out as a set of one: maps ``[B, 1, ...]``, details ``[B, 1]``."""
+    return Attribution(explained.maps.unsqueeze(1), {name: values.unsqueeze(1) for name, values in explained.details.items()})
+
+
+def _clean_logits(target: Any) -> torch.Tensor | None:
+    """The logits a target read from the method's own forward on the clean input, if it did."""
+    logits = getattr(target, "clean_logits", None)
+    if logits is None and isinstance(target, TargetSet) and not isinstance(target, TopClasses):
+        logits = next((column.clean_logits for column in target.columns() if getattr(column, "clean_logits", None) is not None), None)
+    return logits
+
+
 class AttributionRun(FamilyRun):
     method_base = AttributionMethod
 
     def prepare(self) -> None:
         method, settings = self.method, self.settings
-        self.spec = parse_target(settings.target)
-        target_kind = "class" if self.spec.kind == "predicted" else self.spec.kind
-        if target_kind not in method.target_kinds:
-            raise ConfigError(f"{method.name} cannot explain a {target_kind} target ('{self.spec}'); it takes: {', '.join(sorted(method.target_kinds))}")
+        parsed = parse_target_set(settings.target)  # top:K -> K, a list -> its specs, one target -> None
+        self.target_set = settings.target if parsed is not None else None
+        self.spec = parse_target(settings.target) if parsed is None else None
+        specs = [self.spec] if parsed is None else [TargetSpec("predicted")] if isinstance(parsed, int) else list(parsed)
+        self.target_text = str(self.spec) if parsed is None else f"top:{parsed}" if isinstance(parsed, int) else "[" + ",".join(map(str, parsed)) + "]"
         self.metrics = settings.metrics
-        classless = [m.name for m in self.metrics if m.needs_class and target_kind != "class"]
-        if classless:
-            raise ConfigError(f"metrics {', '.join(classless)} measure a class's probability; the target '{settings.target}' is a {target_kind}: "
-                              f"use target=predicted or target=class:...")
+        for spec in specs:
+            target_kind = "class" if spec.kind == "predicted" else spec.kind
+            if target_kind not in method.target_kinds:
+                raise ConfigError(f"{method.name} cannot explain a {target_kind} target ('{spec}'); it takes: {', '.join(sorted(method.target_kinds))}")
+            classless = [m.name for m in self.metrics if m.needs_class and target_kind != "class"]
+            if classless:
+                raise ConfigError(f"metrics {', '.join(classless)} measure a class's probability; the target '{spec}' is a {target_kind}: "
+                                  f"use target=predicted or target=class:...")
         model = self.load_model()
-        if self.spec.kind != "predicted":
-            resolve_spec(self.spec, model, 1, predicted=None)  # an unknown layer or class fails now, before any work
+        for spec in specs:
+            if spec.kind != "predicted":
+                resolve_spec(spec, model, 1, predicted=None)  # an unknown layer or class fails now, before any work
+        if isinstance(parsed, int):
+            classes = num_classes(model)
+            if classes is not None and parsed > classes:
+                raise ConfigError(f"target top:{parsed} asks for more classes than the model has ({classes})")
         method.check(model)
         self.clock.mark("loaded")
         self.inputs: Inputs = settings.data.open(self.model_data, self.names)
@@ -103,7 +140,7 @@ class AttributionRun(FamilyRun):
 
     def execute(self) -> bool:
         pixels = PixelSpace.from_stats(self.model_data["mean"], self.model_data["std"])
-        task = attribution_task(self.model, self.method, self.spec, pixels, self.metrics)
+        task = attribution_task(self.model, self.method, self.spec, self.target_set, pixels, self.metrics)
         self.streamed = stream(self.settings.trainer, self.settings.data, self.run_dir, task, self.inputs, self.method.name, self.consume,
                                render=self.settings.render)
         self.clock.mark("computed")
@@ -111,35 +148,42 @@ class AttributionRun(FamilyRun):
         return self.streamed.on_rank_zero
 
     def consume(self, writer: RunWriter, batch: dict[str, Any]) -> dict[int, dict[str, Any]]:
-        """One batch's pictures and maps written, its records kept (they are small)."""
+        """One batch's pictures and maps written, its records kept (they are small): one per input, or with a
+        target set one per input and target, named after both (``circle_003__class_3``, ``circle_003__top1_class_7``)."""
         names, to_tensorboard = self.names, self.settings.pictures_to_tensorboard
         indices = batch["indices"].tolist()
         entries = [self.inputs.entries[index] for index in indices]
-        targets = [_target_record(batch, row, names) for row in range(len(indices))]
+        columns, labels = len(batch["targets"]), batch["labels"]
         approximate = bool(self.method.notes().get("approximate"))  # an approximate map says so in its caption and tag
         label = f"{self.method.name} (approximate)" if approximate else self.method.name
-        captions = [f"{_target_caption(target)} · {label}" for target in targets]
-        pngs = writer.add_attributions([(entry.name, batch["pixels"][row], batch["maps"][row], captions[row]) for row, entry in enumerate(entries)],
-                                       tensorboard=[index < to_tensorboard for index in indices],
+        items = []  # (key, row, k, entry, map name, target record, caption)
+        for row, (index, entry) in enumerate(zip(indices, entries)):
+            for k in range(columns):
+                target = _target_record(batch["targets"][k], batch["probabilities"][row], row, names)
+                name = entry.name if labels is None else f"{entry.name}__{_column_label(labels[k], target)}"
+                items.append((index * columns + k, row, k, entry, name, target, f"{_target_caption(target)} · {label}"))
+        pngs = writer.add_attributions([(name, batch["pixels"][row], batch["maps"][row, k], caption) for _, row, k, _, name, _, caption in items],
+                                       tensorboard=[indices[row] < to_tensorboard for _, row, *_ in items],
                                        panel="panel_approximate" if approximate else "panel")
-        per_input = batch["seconds"] / len(indices)
-        metric_seconds = batch["metric_seconds"] / len(indices)
-        return {index: {
-            "name": entry.name,
+        per_input = batch["seconds"] / len(items)
+        metric_seconds = batch["metric_seconds"] / len(items)
+        return {key: {
+            "name": name,
+            **({} if labels is None else {"input": entry.name}),
             "source": entry.source,
             "label": entry.label,
             "label_name": class_label(names, entry.label) if entry.label is not None else None,
             "top5": top5(batch["probabilities"][row], names),
-            "target": targets[row],
-            "caption": captions[row],
+            "target": target,
+            "caption": caption,
             "png": png,
             "seconds": per_input,
             "metric_seconds": metric_seconds,
-            "details": {name: float(values[row]) for name, values in batch["details"].items()},
-            "metrics": {name: float(values[row]) for name, (values, _, _) in batch["metrics"].items()},
-            "curves": {name: curve[row].tolist() for name, (_, curve, _) in batch["metrics"].items() if curve is not None},
+            "details": {name: float(values[row, k]) for name, values in batch["details"].items()},
+            "metrics": {name: float(values[row, k]) for name, (values, _, _) in batch["metrics"].items()},
+            "curves": {name: curve[row, k].tolist() for name, (_, curve, _) in batch["metrics"].items() if curve is not None},
             "curve_steps": {name: list(steps) for name, (_, curve, steps) in batch["metrics"].items() if curve is not None},
-        } for row, (index, entry, png) in enumerate(zip(indices, entries, pngs))}
+        } for (key, row, k, entry, name, target, caption), png in zip(items, pngs)}
 
     def summarize(self) -> Summary:
         records, clock = self.streamed.records, self.clock
@@ -157,7 +201,7 @@ class AttributionRun(FamilyRun):
                 self.writer.add_scalars({f"curves/{name}": value}, step=step)
         seconds_per_input = method_seconds / max(len(records), 1)
         return Summary(
-            target=str(self.spec),
+            target=self.target_text,
             fields={"inputs": records, "skipped": self.streamed.skipped, "metrics": summary,
                     "metric_configs": {m.name: {"better": m.better, **asdict(m.config)} for m in self.metrics}, "curves": curves},
             metrics=summary,
@@ -170,7 +214,7 @@ class AttributionRun(FamilyRun):
                 "seconds_per_input": seconds_per_input,
                 "inputs_per_second": len(records) / max(clock.between("read", "computed"), 1e-9),  # the whole stream: decoding, method, writing
             },
-            hparams={"target": str(self.spec), "data": str(self.settings.data.kind), "inputs": len(records),
+            hparams={"target": self.target_text, "data": str(self.settings.data.kind), "inputs": len(records),
                      "metrics": ",".join(m.name for m in self.metrics)},
             scalars={"timing/seconds_per_input": seconds_per_input},
             rows=[_row(record) for record in records],
@@ -179,14 +223,21 @@ class AttributionRun(FamilyRun):
     @staticmethod
     def report(results: dict[str, Any]) -> str:
         skipped = f" ({len(results['skipped'])} unreadable skipped)" if results.get("skipped") else ""
-        return f"{results['method']['name']} on {len(results['inputs'])} input(s){skipped}, {results['device']}"
+        inputs = {record.get("input", record["name"]) for record in results["inputs"]}
+        per_input = f" x {len(results['inputs']) // len(inputs)} targets" if inputs and len(results["inputs"]) > len(inputs) else ""
+        return f"{results['method']['name']} on {len(inputs)} input(s){per_input}{skipped}, {results['device']}"
 
 
-def _target_record(batch: dict[str, Any], row: int, names: list[str] | None) -> dict[str, Any]:
-    if batch["target_kind"] == "class":
-        index = int(batch["target_indices"][row])
-        return {"kind": "class", "index": index, "name": class_label(names, index), "probability": float(batch["probabilities"][row][index])}
-    return {"kind": batch["target_kind"], "spec": batch["target_spec"], "score": float(batch["target_scores"][row])}
+def _target_record(column: dict[str, Any], probabilities: torch.Tensor, row: int, names: list[str] | None) -> dict[str, Any]:
+    if column["kind"] == "class":
+        index = int(column["indices"][row])
+        return {"kind": "class", "index": index, "name": class_label(names, index), "probability": float(probabilities[index])}
+    return {"kind": column["kind"], "spec": column["spec"], "score": float(column["scores"][row])}
+
+
+def _column_label(label: str, target: dict[str, Any]) -> str:
+    """A target set's column in a map's name: its spec (``class_3``), or for top:K and predicted the class too (``top1_class_7``)."""
+    return f"{label}_class_{target['index']}" if (label.startswith("top") or label == "predicted") and target["kind"] == "class" else label
 
 
 def _target_caption(target: dict[str, Any]) -> str:
@@ -200,7 +251,7 @@ def _target_caption(target: dict[str, Any]) -> str:
 def _row(record: dict[str, Any]) -> dict[str, Any]:
     """One input's results.csv row: what it is, what the model said, what was explained, every metric."""
     top = record["top5"][0]
-    return {"name": record["name"], "source": record["source"], "label": record["label"], "label_name": record["label_name"],
+    return {"name": record["name"], **({"input": record["input"]} if "input" in record else {}), "source": record["source"], "label": record["label"], "label_name": record["label_name"],
             "predicted": top["index"], "predicted_name": top["name"], "predicted_probability": top["probability"],
             **flat_row({"target": record["target"], "metrics": record["metrics"], "details": record["details"]}),
             "seconds": record["seconds"], "png": record["png"]}

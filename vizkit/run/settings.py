@@ -53,7 +53,7 @@ class RunSettings:
     data: DataConfig = field(default_factory=ImagesData)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     metrics: list[Any] = field(default_factory=list)  # vizkit.metrics.base.Metric instances (attribution runs)
-    target: Any = "predicted"  # predicted | class:... | channel:... | ..., or a list (optimization)
+    target: Any = "predicted"  # predicted | class:... | channel:... | ..., or a list (optimization: a weighted sum; attribution: a target set, as top:K)
     seed: int | None = 0  # torch's global seed before the run (None: left alone)
     tensorboard_images: Any = 100  # pictures of the first N inputs also go to TensorBoard (N | all)
     render: Render = field(default_factory=Render)  # how maps are drawn: colormap, overlay opacity, percentile clipping

@@ -16,7 +16,7 @@ layouts are ``vizkit.core.layouts``' (NCHW, channels-last stages, ViT tokens ove
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from vizkit.core.errors import ConfigError
-from vizkit.core.hooks import capture_output
+from vizkit.core.hooks import capture_output, forward_hook
 from vizkit.core.layouts import LAYOUTS, channels_first, layout_of
 from vizkit.core.models import default_layer, find_layer
 from vizkit.methods.base import AttributionMethod
+from vizkit.probes.gradients import column_gradients
 
 
 @dataclass
@@ -68,7 +69,8 @@ def layers_activations_and_gradients(model, x, target, layers: list[str], method
                                      ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], torch.Tensor | None]:
     """Several layers' outputs for x and (``gradient``) the gradients of the target's summed score with
     respect to them, from one forward and one backward: (activations, gradients, the input's gradient
-    when ``input_gradient``, else None), detached. The backward stops at the shallowest layer unless
+    when ``input_gradient``, else None), detached. A target set's K targets make K backwards of the one
+    forward, and each gradient ``[K, ...]``. The backward stops at the shallowest layer unless
     ``input_gradient``; without ``gradient``, one forward under no_grad.
 
     A layer that runs more than once is refused. ``required``: a layer that never runs (before the
@@ -90,7 +92,9 @@ def layers_activations_and_gradients(model, x, target, layers: list[str], method
     if not gradient:
         return [None if a is None else a.detach() for a in activations], [None] * len(layers), None
     wanted = ([x] if input_gradient else []) + [a for a in activations if a is not None and a.requires_grad]
-    found = iter(torch.autograd.grad(score.sum(), wanted, allow_unused=True) if wanted else ())
+    # a target set's [B, K] scores: K vector-Jacobian products of the one graph, each gradient [K, ...]
+    backward = column_gradients if score.dim() == 2 else lambda s, inputs: torch.autograd.grad(s.sum(), inputs, allow_unused=True)
+    found = iter(backward(score, wanted) if wanted else ())
     input_grad = next(found) if input_gradient else None
     if input_gradient and input_grad is None:
         input_grad = torch.zeros_like(x)
@@ -123,12 +127,21 @@ class CamMethod(AttributionMethod):
 
     def capture(self, model, x, target, layer: str) -> CamInputs:
         """The layer's activation (and gradient) at ``layer``, channels first."""
-        activation, gradient = layer_activation_and_gradient(model, x, target, layer, self.name, gradient=self.needs_gradient)
-        layout = layout_of(activation, model, layer, x.shape[-2:], self.config.layout)
-        return CamInputs(
-            activation=feature_map(activation, model, layer, x.shape[-2:], layout, self.name).float(),
-            gradient=None if gradient is None else feature_map(gradient, model, layer, x.shape[-2:], layout, self.name).float(),
-            model=model, x=x, target=target, layer=layer, layout=layout)
+        (inputs,) = self._captures(model, x, target, layer, is_set=False)
+        return inputs
+
+    def _captures(self, model, x, target, layer: str, is_set: bool) -> list[CamInputs]:
+        """``CamInputs`` per column of ``target`` (a target set, or one target as its only column), from
+        one forward and, for a set, one batched backward."""
+        raw, gradient = layer_activation_and_gradient(model, x, target, layer, self.name, gradient=self.needs_gradient)
+        columns = target.columns() if is_set else [target]  # after the forward: top:K reads its classes there
+        layout = layout_of(raw, model, layer, x.shape[-2:], self.config.layout)
+        activation = feature_map(raw, model, layer, x.shape[-2:], layout, self.name).float()
+        gradients = [None] * len(columns) if gradient is None else list(gradient) if is_set else [gradient]
+        return [CamInputs(activation=activation,
+                          gradient=None if grad is None else feature_map(grad, model, layer, x.shape[-2:], layout, self.name).float(),
+                          model=model, x=x, target=column, layer=layer, layout=layout)
+                for grad, column in zip(gradients, columns)]
 
     def weights(self, inputs: CamInputs) -> torch.Tensor:
         """The channels' weights, ``[B,K,1,1]`` or per position ``[B,K,h,w]``."""
@@ -140,10 +153,41 @@ class CamMethod(AttributionMethod):
 
     def layer_map(self, model, x, target, layer: str) -> torch.Tensor:
         """One layer's map, rectified (``relu``), upsampled bilinearly to the input's size."""
-        cam = self.combine(self.capture(model, x, target, layer))
+        return self._finished(self.capture(model, x, target, layer))
+
+    def _finished(self, inputs: CamInputs) -> torch.Tensor:
+        cam = self.combine(inputs)
         if self.config.relu:
             cam = cam.clamp_min(0)
-        return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(cam, size=inputs.x.shape[-2:], mode="bilinear", align_corners=False)
 
     def compute(self, model, x, target, pixels):
         return self.layer_map(model, x, target, self.config.layer or default_layer(model))
+
+    def compute_targets(self, model, x, targets, pixels):
+        """A target set's maps from one forward (and one batched backward to the layer): the activation is
+        shared, each target gets its own gradient. A CAM that captures or computes its own way loops."""
+        if type(self).capture is not CamMethod.capture or type(self).compute is not CamMethod.compute:
+            return super().compute_targets(model, x, targets, pixels)
+        layer = self.config.layer or default_layer(model)
+        with _layers_before(model, layer, targets) as early:
+            captures = self._captures(model, x, targets, layer, is_set=True)
+        if early:  # as one such target alone: its forward stops at its layer, before this one runs
+            raise ConfigError(f"{self.name}: layer '{layer}' runs never in one forward pass (before the target {early[0]}, once); "
+                              f"choose another with method.layer=NAME")
+        return torch.stack([self._finished(inputs) for inputs in captures], 1)
+
+
+@contextmanager
+def _layers_before(model, layer: str, targets):
+    """Yields a list that, after the forward, holds the set's channel, neuron and layer targets whose layer
+    finishes before ``layer`` does (the score of such a target does not depend on ``layer``)."""
+    columns = [] if getattr(targets, "kinds", {"class"}) == {"class"} else [c for c in targets.columns() if c.kind != "class" and c.layer != layer]
+    finished: list[str] = []
+    early: list = []
+    with ExitStack() as stack:
+        for name, module in {layer: find_layer(model, layer), **{c.layer: c.module for c in columns}}.items():
+            stack.enter_context(forward_hook(module, lambda *_, name=name: finished.append(name)))
+        yield early
+    order = {name: finished.index(name) for name in set(finished)}
+    early.extend(str(c) for c in columns if order.get(c.layer, -1) < order.get(layer, len(finished)))

@@ -33,3 +33,5 @@ class GuidedBackprop(AttributionMethod):
         with relu_rule(self.rule, self.name, self.config.relu_only):
             gradient = input_gradient(model, x, target)
         return reduce_channels(gradient, self.config.reduce)
+
+    compute_targets = compute  # a target set: one forward, K backwards of the same graph

@@ -27,4 +27,9 @@ class InputXGradient(AttributionMethod):
     target_kinds = frozenset({"class", "channel", "neuron"})
 
     def compute(self, model, x, target, pixels):
-        return reduce_channels(x * input_gradient(model, x, target), self.config.reduce)
+        gradient = input_gradient(model, x, target)
+        if gradient.dim() == 5:  # a target set's [B, K, C, H, W]
+            x = x.unsqueeze(1)
+        return reduce_channels(x * gradient, self.config.reduce)
+
+    compute_targets = compute  # a target set: one forward, K batched backwards

@@ -99,14 +99,23 @@ class Occlusion(AttributionMethod):
             clean_score = self._score(model, x, target)
             passes = self._passes(model, x, target, fill, clean_score)
             drops = torch.stack([drill_down(passes, b, boxes, height, width, config) if config.approximate else passes.drops(b, boxes)
-                                 for b in range(batch)])
+                                 for b in range(batch)])  # [B, N], a target set's [B, N, K]
         self._record(passes)
         masks = torch.zeros(len(boxes), height, width, dtype=drops.dtype, device=x.device)
         for w, (y0, y1, x0, x1) in enumerate(boxes):
             masks[w, y0:y1, x0:x1] = 1
         masks = masks.flatten(1)  # [N, H*W]
+        if drops.dim() == 3:
+            drops = drops.transpose(1, 2)
         attribution = (drops @ masks) / masks.sum(0)  # mean drop over the windows covering each pixel
-        return attribution.view(batch, 1, height, width)
+        return attribution.view(batch, *drops.shape[1:-1], 1, height, width)
+
+    def compute_targets(self, model, x, targets, pixels):
+        """A target set's maps from the same passes: every window's forward gives all K scores. The
+        approximate mode picks its windows per target, so it runs once per target."""
+        if self.config.approximate:
+            return super().compute_targets(model, x, targets, pixels)
+        return self.compute(model, x, targets, pixels)
 
     def _passes(self, model, x, target, fill, clean_score) -> Passes:
         """Incremental passes where the model and target allow, else whole forwards (and why, announced

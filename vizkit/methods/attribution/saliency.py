@@ -23,3 +23,5 @@ class Saliency(AttributionMethod):
 
     def compute(self, model, x, target, pixels):
         return reduce_channels(input_gradient(model, x, target), self.config.reduce)
+
+    compute_targets = compute  # a target set: one forward, K batched backwards, [B, K, C, H, W] reduced alike
