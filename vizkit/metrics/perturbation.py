@@ -18,6 +18,12 @@ A good map makes the probability fall fast under deletion (low AUC) and rise fas
 ``black`` (0), ``gray`` (0.5) or ``blur`` (a Gaussian blur of the image, 11 taps, sigma 5, the kernel of
 the RISE authors' code; borders are reflected where the authors' code zero-padded the normalized
 input). The paper's choices are the defaults: black for deletion, blur for insertion.
+
+The curve's images run as plain batched forwards, not through occlusion's incremental engine
+(``vizkit.probes.incremental``): the switched pixels are spread over the image, so their bounding box
+covers a median 66 % of it for Grad-CAM maps and 98 % for saliency maps, and every batch turns dense at
+the first convolution. Measured exact and 0.65-0.80x the speed of plain forwards that way
+(``benchmarks/incremental_metrics.py``); ROAD's removals, by the same ranking, are larger still.
 """
 from __future__ import annotations
 
