@@ -157,6 +157,18 @@ def test_a_model_fx_cannot_trace_takes_the_naive_path_and_says_so():
     assert any("naive occlusion" in str(w.message) for w in caught)
 
 
+def test_the_command_says_it_falls_back_on_a_line_of_its_own(vizkit_cli):
+    """A ViT's traced attention fails, so occlusion runs naive: the command says so once, as ``vizkit: warning:``
+    on its own line (not glued to the progress bar's), without Python's file:line prefix."""
+    result = vizkit_cli("method=occlusion", "method.window=32", "method.stride=32", "model.name=vit_tiny_patch16_224",
+                        "model.pretrained=false", "data=shapes", "data.count=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
+    said = [line for line in lines if "naive occlusion" in line]
+    assert len(said) == 1 and said[0].startswith("vizkit: warning: occlusion: the traced graph fails"), said
+    assert "UserWarning" not in result.stderr and result.results["method"]["notes"]["path"] == "naive"
+
+
 # ---------------------------------------------------------------- approximate occlusion
 
 

@@ -6,7 +6,9 @@ Lightning are imported only once a run starts, so ``vizkit --help`` stays quick.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -140,7 +142,7 @@ def _main(cfg: DictConfig) -> None:
     run_dirs.claim_job_dir(run_dir)  # a multirun's job; a single run claimed its directory before Hydra wrote into it
     if not run_dirs.is_secondary_rank():  # before any progress: a long run can be watched while it goes
         print(f"vizkit: writing to {run_dir}; watch with: tensorboard --logdir {_review_dir(run_dir)}", flush=True)  # user-facing
-    with interrupt.graceful():
+    with interrupt.graceful(), _vizkit_warnings_as_notes():
         try:
             results = run(cfg, run_dir)
         except BaseException as error:
@@ -165,6 +167,29 @@ def _main(cfg: DictConfig) -> None:
         said = "what finished is written above, results.json says status 'interrupted'"
         print(f"vizkit: interrupted by {interrupt.name(signum)}: {said}", file=sys.stderr)  # user-facing
         sys.exit(128 + signum)  # 130 for SIGINT, 143 for SIGTERM: what shells and schedulers expect
+
+
+@contextlib.contextmanager
+def _vizkit_warnings_as_notes():
+    """vizkit's own warnings (occlusion's naive fallback, an unnormalized input) as one line each,
+    ``vizkit: warning: ...``, without Python's file:line prefix and source line, never glued to the progress
+    bar's line; others as Python shows them."""
+    package = str(Path(__file__).resolve().parents[1])
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(Path(filename).resolve()).startswith(package) and issubclass(category, UserWarning):
+            from tqdm import tqdm
+
+            tqdm.write(f"vizkit: warning: {message}", file=sys.stderr)  # user-facing; on its own line, the progress bar redrawn below
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _check_metric_names(argv: list[str]) -> None:
