@@ -9,6 +9,7 @@ relative error ~1e-6 per layer, growing with depth; 1e-4 of the logits' scale is
 and leaves two orders of magnitude."""
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -134,39 +135,48 @@ def test_occlusion_maps_equal_the_naive_ones_and_record_the_path():
     assert fast.notes()["path"] == "incremental" and naive.notes() == {"path": "naive", "reason": "incremental=false"}
 
 
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            y = y * 2
+        return self.head(y.mean((2, 3)))
+
+
 def test_a_model_fx_cannot_trace_takes_the_naive_path_and_says_so():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x):
-            y = self.conv(x)
-            if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
-                y = y * 2
-            return self.head(y.mean((2, 3)))
-
-    model = Branchy().eval()
+    model = _Branchy().eval()
     method = vizkit.create_method("occlusion", window=8, stride=8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         maps = method.attribute(model, torch.rand(1, 3, 16, 16), target=0)
     assert maps.shape == (1, 1, 16, 16)
-    assert method.notes()["path"] == "naive" and "torch.fx cannot trace Branchy" in method.notes()["reason"]
+    assert method.notes()["path"] == "naive" and "torch.fx cannot trace _Branchy" in method.notes()["reason"]
     assert any("naive occlusion" in str(w.message) for w in caught)
 
 
-def test_the_command_says_it_falls_back_on_a_line_of_its_own(vizkit_cli):
-    """A ViT's traced attention fails, so occlusion runs naive: the command says so once, as ``vizkit: warning:``
-    on its own line (not glued to the progress bar's), without Python's file:line prefix."""
-    result = vizkit_cli("method=occlusion", "method.window=32", "method.stride=32", "model.name=vit_tiny_patch16_224",
-                        "model.pretrained=false", "data=shapes", "data.count=1")
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
-    said = [line for line in lines if "naive occlusion" in line]
-    assert len(said) == 1 and said[0].startswith("vizkit: warning: occlusion: the traced graph fails"), said
-    assert "UserWarning" not in result.stderr and result.results["method"]["notes"]["path"] == "naive"
+def test_the_command_shows_the_fallback_as_one_line_of_its_own(capsys):
+    """The ``vizkit`` command's warning display (``vizkit.cli.app``): vizkit's own warnings as ``vizkit: warning:``
+    on a line of their own (``tqdm.write``: never glued to a progress bar's line), no file:line prefix;
+    anyone else's handed to the display it replaced (here pytest's)."""
+    from tqdm import tqdm
+
+    from vizkit.cli.app import _vizkit_warnings_as_notes
+
+    method = vizkit.create_method("occlusion", window=8, stride=8)
+    with warnings.catch_warnings(), _vizkit_warnings_as_notes(), tqdm(total=2, file=sys.stderr, mininterval=0) as bar:
+        warnings.simplefilter("always")
+        bar.update(1)
+        method.attribute(_Branchy().eval(), torch.rand(1, 3, 16, 16), target=0)
+        warnings.warn("someone else's", UserWarning)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    said = [line for line in err.splitlines() if "naive occlusion" in line]
+    assert len(said) == 1 and said[0].startswith("vizkit: warning: occlusion: torch.fx cannot trace"), err
+    assert "UserWarning" not in err and "vizkit: warning: someone else's" not in err  # pytest records that one itself
 
 
 # ---------------------------------------------------------------- approximate occlusion

@@ -44,7 +44,9 @@ class ForwardCounter:
 # the methods that share passes among the targets, and one that runs once per target (the default)
 SHARED = {"saliency": {}, "input_x_gradient": {}, "guided_backprop": {}, "gradcam": {}, "gradcam_plus_plus": {}, "xgradcam": {},
           "eigencam": {}, "occlusion": {"window": 16, "stride": 16}, "occlusion_naive": {"window": 16, "stride": 16, "incremental": False}}
-LOOPED = {"integrated_gradients": {"steps": 8}}
+LOOPED = {"integrated_gradients": {"steps": 8}, "layercam": {}, "fullgrad": {}, "smoothgradcam_plus_plus": {"samples": 2}, "guided_gradcam": {}}
+# the CAMs whose weighting runs forwards of their own share the activation only; deconvnet is guided backprop's code
+SHARED |= {"hirescam": {}, "scorecam": {}, "ablationcam": {}, "deconvnet": {}}
 
 
 def _method(name, fields):
