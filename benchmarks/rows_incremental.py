@@ -82,19 +82,21 @@ def vgg_subset(model: nn.Module, x: torch.Tensor, target: torch.Tensor, window: 
 
 # ---------------------------------------------------------------- one pass for many targets
 
-TARGET_SET_ROWS = ("targets_top5_gradcam", "targets_top5_saliency", "targets_top5_occlusion")
+TARGET_SET_ROWS = ("targets_top5_gradcam", "targets_top5_saliency", "targets_top5_occlusion", "targets_top5_scorecam")
 
 
 def target_set_row(name: str, repeats: int = 3) -> Row:
     """``attribute_targets(x, "top:5")`` (seconds) against one target, each input's predicted class (floor),
     and five ``attribute`` calls, one per class (``extra.five_calls``), alternating; resnet18, batch 8,
     224 px. The issue's goal: top-5 at most 1.5x one target. Occlusion at window 32, stride 32 (49 windows
-    an image), so that five separate maps take a minute, not ten."""
+    an image), so that five separate maps take a minute, not ten; Score-CAM at batch 1, once (512 masked
+    forwards an image)."""
     import vizkit
 
     method_name = name.removeprefix("targets_top5_")
     torch.manual_seed(0)
-    x = torch.randn(8, 3, 224, 224)
+    x = torch.randn(1 if method_name == "scorecam" else 8, 3, 224, 224)
+    repeats = 1 if method_name == "scorecam" else repeats
     model = make_model("resnet18")
     fields = {"window": 32, "stride": 32} if method_name == "occlusion" else {}
     method = vizkit.create_method(method_name, **fields)

@@ -77,11 +77,12 @@ def test_a_list_of_channels_from_one_forward(resnet, x, name, fields):
     torch.testing.assert_close(many, separate, rtol=0, atol=1e-5 * float(separate.abs().amax()))
 
 
-@pytest.mark.parametrize("name, one_target_forwards", [("saliency", 1), ("gradcam", 1), ("occlusion", None)])
+@pytest.mark.parametrize("name, one_target_forwards", [("saliency", 1), ("gradcam", 1), ("occlusion", None), ("scorecam", None),
+                                                       ("ablationcam", None)])
 def test_the_targets_share_the_forwards(resnet, x, name, one_target_forwards):
     """top:5 costs the forwards of one target: the classes come from the method's own first forward."""
     method = _method(name, SHARED[name])
-    with ForwardCounter(resnet) as one:
+    with ForwardCounter(resnet) as one:  # Score-CAM and Ablation-CAM: every (input, channel) pair's forward scores all five
         method.attribute(resnet, x)
     with ForwardCounter(resnet) as five:
         method.attribute_targets(resnet, x, "top:5")

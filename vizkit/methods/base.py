@@ -193,7 +193,8 @@ class AttributionMethod(Method):
         of target strings (``["class:3", "class:7"]``, ``["channel:layer4:3", "channel:layer4:9"]``),
         or a ``vizkit.core.target_sets.TargetSet``. Methods that can share their passes among the
         targets do (``compute_targets``): one forward and K vector-Jacobian products for the gradient
-        methods, the K scores read off the same forwards for occlusion and the gradient CAMs.
+        methods and the gradient CAMs, the K scores read off the same forwards for occlusion, Score-CAM
+        and Ablation-CAM.
         """
         return self.explain_targets(model, x, targets, mean=mean, std=std).maps
 

@@ -116,10 +116,10 @@ class AblationCam(ForwardCam):
             scores = run(rows, torch.full_like(rows, -1), True).float()
         except (RuntimeError, ConfigError):
             return False
-        clean = self._clean[0].expand(2)
+        clean = self._clean[0].expand(2, *self._clean.shape[2:])  # a target set's scores are [rows, T]
         # equal up to float32 rounding in a batch of another size (a GEMM's blocking): far below any
         # structural difference, which would change the score at its first digit
-        return scores.shape == (2,) and bool(torch.allclose(scores, clean, rtol=1e-3, atol=1e-3 * float(clean.abs().max())))
+        return scores.shape == clean.shape and bool(torch.allclose(scores, clean, rtol=1e-3, atol=1e-3 * float(clean.abs().max())))
 
     def weigh(self, inputs: CamInputs, scores: torch.Tensor) -> torch.Tensor:
         clean, self._clean = self._clean, None

@@ -156,10 +156,13 @@ class CamMethod(AttributionMethod):
         return self._finished(self.capture(model, x, target, layer))
 
     def _finished(self, inputs: CamInputs) -> torch.Tensor:
-        cam = self.combine(inputs)
+        return self._upsampled(self.combine(inputs), inputs.x.shape[-2:])
+
+    def _upsampled(self, cam: torch.Tensor, size) -> torch.Tensor:
+        """A map at the layer's resolution, rectified (``relu``) and upsampled bilinearly to ``size``."""
         if self.config.relu:
             cam = cam.clamp_min(0)
-        return F.interpolate(cam, size=inputs.x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
 
     def compute(self, model, x, target, pixels):
         return self.layer_map(model, x, target, self.config.layer or default_layer(model))
@@ -170,12 +173,18 @@ class CamMethod(AttributionMethod):
         if type(self).capture is not CamMethod.capture or type(self).compute is not CamMethod.compute:
             return super().compute_targets(model, x, targets, pixels)
         layer = self.config.layer or default_layer(model)
+        return torch.stack([self._finished(inputs) for inputs in self._set_captures(model, x, targets, layer, per_target=True)], 1)
+
+    def _set_captures(self, model, x, targets, layer: str, per_target: bool) -> list[CamInputs]:
+        """``_captures`` for a target set: one ``CamInputs`` per target (``per_target``), or one whose target is
+        the set. A target whose layer comes before ``layer`` is refused, as it is alone: its forward stops at its
+        own layer, before this one runs (in a set the forward goes on, and its gradient here would be zero)."""
         with _layers_before(model, layer, targets) as early:
-            captures = self._captures(model, x, targets, layer, is_set=True)
-        if early:  # as one such target alone: its forward stops at its layer, before this one runs
+            captures = self._captures(model, x, targets, layer, is_set=per_target)
+        if early:
             raise ConfigError(f"{self.name}: layer '{layer}' runs never in one forward pass (before the target {early[0]}, once); "
                               f"choose another with method.layer=NAME")
-        return torch.stack([self._finished(inputs) for inputs in captures], 1)
+        return captures
 
 
 @contextmanager

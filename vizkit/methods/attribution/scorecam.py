@@ -49,9 +49,11 @@ import torch
 import torch.nn.functional as F
 
 from vizkit.core.errors import ConfigError
+from vizkit.core.models import default_layer
+from vizkit.core.target_sets import TargetSet
 from vizkit.methods.attribution.cam import CamConfig, CamInputs, CamMethod
 
-PairScores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows, channels) [n] -> the target's scores [n]
+PairScores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows, channels) [n] -> the target's scores [n] (a set's [n, T])
 
 
 @dataclass
@@ -85,15 +87,31 @@ class ForwardCam(CamMethod):
         raise NotImplementedError
 
     def weights(self, inputs: CamInputs) -> torch.Tensor:
+        return self._weighed(inputs)[:, :, None, None]
+
+    def _weighed(self, inputs: CamInputs) -> torch.Tensor:
+        """The channels' weights, ``[B,K]``; for a target set of T targets ``[B,K,T]``, from the same forwards."""
         batch, channels = inputs.activation.shape[:2]
         total, size, device = batch * channels, self.config.batch_size, inputs.x.device
-        scores = torch.empty(total, dtype=torch.float32, device=device)
+        per_pair = (len(inputs.target),) if isinstance(inputs.target, TargetSet) else ()  # a set's forward scores every target
+        scores = torch.empty(total, *per_pair, dtype=torch.float32, device=device)
         with torch.no_grad(), self.pair_scores(inputs) as score:
             for start in range(0, total, size):
                 pairs = torch.arange(start, min(start + size, total), device=device)
                 scores[start : start + len(pairs)] = score(pairs // channels, pairs % channels).float()
         with torch.no_grad():
-            return self.weigh(inputs, scores.view(batch, channels))[:, :, None, None]
+            return self.weigh(inputs, scores.view(batch, channels, *per_pair))
+
+    def compute_targets(self, model, x, targets, pixels):
+        """A target set's maps from one set of forwards: each (input, channel) pair's forward gives every
+        target's score, so T targets cost the forwards of one."""
+        if type(self).capture is not CamMethod.capture or type(self).compute is not CamMethod.compute:
+            return super().compute_targets(model, x, targets, pixels)
+        layer = self.config.layer or default_layer(model)
+        (inputs,) = self._set_captures(model, x, targets, layer, per_target=False)  # the set is the pairs' target
+        weights = self._weighed(inputs)
+        return torch.stack([self._upsampled((weights[..., t, None, None] * inputs.activation).sum(1, keepdim=True), x.shape[-2:])
+                            for t in range(len(targets))], 1)
 
 
 @dataclass
