@@ -30,7 +30,7 @@ from floors import make_model
 STEPS, BATCH = 32, 16
 
 
-def changed_boxes(ranks: torch.Tensor, counts: list[int], width: int) -> list[tuple[int, int, int, int] | None]:
+def changed_boxes(ranks: torch.Tensor, counts: list[int]) -> list[tuple[int, int, int, int] | None]:
     """Per step, the bounding box (y0, y1, x0, x1) of the pixels whose rank is below the step's count."""
     boxes = []
     for n in counts:
@@ -78,7 +78,7 @@ def measure(model_name: str, method_name: str, images: torch.Tensor, model) -> d
             ranks = importance_ranks(maps[b : b + 1])[0].view(height, width)
             reference, other = (x[b : b + 1], black[b : b + 1]) if metric == "deletion" else (blurred[b : b + 1], x[b : b + 1])
             steps = curve_images(reference, other, ranks, counts)  # [K+1, C, H, W]
-            boxes = changed_boxes(ranks, counts, width)
+            boxes = changed_boxes(ranks, counts)
             shares += [0.0 if box is None else (box[1] - box[0]) * (box[3] - box[2]) / (height * width) for box in boxes]
             with torch.no_grad():
                 started = time.perf_counter()

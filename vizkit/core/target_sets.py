@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from vizkit.core.errors import ConfigError
-from vizkit.core.targets import (ChannelTarget, ClassTarget, LayerTarget, NeuronTarget, PredictedClassTarget, Target, TargetSpec,
-                                 channel_of, parse_target, resolve_spec, resolve_target)
+from vizkit.core.targets import (ClassTarget, PredictedClassTarget, Target, TargetSpec, is_clean_input, parse_target, resolve_spec,
+                                 resolve_target)
 
 SET_FORMS = "top:K, or a list of targets such as [class:3,class:7]"
 
@@ -78,14 +78,11 @@ class TargetSet:
         return self._columns[k]
 
     def columns(self) -> list[Target]:
-        return [self.column(k) for k in range(len(self))]
+        return list(self._columns)
 
     @property
     def kinds(self) -> set[str]:
         return {column.kind for column in self._columns}
-
-    def is_classes(self) -> bool:
-        return self.kinds == {"class"}
 
     def class_indices(self) -> torch.Tensor:
         """``[B, K]``: every column's class per input (all columns are class targets)."""
@@ -174,8 +171,7 @@ class TopClasses(TargetSet):
         self._indices = logits.detach().topk(self.k, 1).indices
 
     def _record(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> None:
-        clean = self._x
-        if self._indices is None and model is self._model and x.data_ptr() == clean.data_ptr() and x.shape == clean.shape:
+        if self._indices is None and is_clean_input(model, x, self._model, self._x):
             self._remember(logits)
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -201,18 +197,7 @@ class TopClasses(TargetSet):
 def _score_from(column: Target, logits: torch.Tensor | None, outputs: dict[str, torch.Tensor], model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(column, ClassTarget):
         return column.select(column._checked(logits))
-    output = outputs[column.layer]
-    if isinstance(column, LayerTarget):
-        return output.flatten(1).pow(2).sum(1)
-    channel_map = channel_of(output, model, column.layer, x.shape[-2:], column.channel)
-    if isinstance(column, ChannelTarget):
-        return channel_map.flatten(1).sum(1)
-    if isinstance(column, NeuronTarget):
-        if channel_map.dim() != 3 or not (0 <= column.y < channel_map.shape[1] and 0 <= column.x < channel_map.shape[2]):
-            raise ConfigError(f"neuron ({column.y}, {column.x}) is out of range: layer '{column.layer}' channel maps have "
-                              f"shape {tuple(channel_map.shape[1:])}")
-        return channel_map[:, column.y, column.x]
-    raise ConfigError(f"a target set cannot hold {column!r}")
+    return column.from_output(outputs[column.layer], model, x.shape[-2:])
 
 
 def label_of(spec: TargetSpec) -> str:

@@ -89,6 +89,12 @@ def scores_on_one_input(target: Any, model: nn.Module, x_one: torch.Tensor, batc
     return target.score(model, x_one).expand(batch)  # channel, neuron, layer: the same for every row
 
 
+def is_clean_input(model: nn.Module, x: torch.Tensor, clean_model: nn.Module, clean: torch.Tensor) -> bool:
+    """Whether a forward of ``model`` on ``x`` is the one on the clean batch: the same model and the same
+    storage, shape and strides (methods pass ``x.detach()`` views of it)."""
+    return model is clean_model and x.data_ptr() == clean.data_ptr() and x.shape == clean.shape and x.stride() == clean.stride()
+
+
 @dataclass(frozen=True)
 class ClassTarget:
     """One class per input; the score is the class logit (pre-softmax, as Simonyan et al. 2014)."""
@@ -155,9 +161,7 @@ class PredictedClassTarget(ClassTarget):
         object.__setattr__(self, "_indices", logits.detach().argmax(1))
 
     def _is_clean_input(self, model: nn.Module, x: torch.Tensor) -> bool:
-        # same storage, shape and strides as the clean batch (methods pass x.detach() views of it)
-        clean = self._x
-        return model is self._model and x.data_ptr() == clean.data_ptr() and x.shape == clean.shape and x.stride() == clean.stride()
+        return is_clean_input(model, x, self._model, self._x)
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         logits = model(x)
@@ -202,6 +206,10 @@ class ChannelTarget:
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.activation(model, x).flatten(1).sum(1)
 
+    def from_output(self, output: torch.Tensor, model: nn.Module, input_size: Any) -> torch.Tensor:
+        """The score from the layer's output, captured in a forward made for other targets too."""
+        return channel_of(output, model, self.layer, input_size, self.channel).flatten(1).sum(1)
+
     def take(self, rows: torch.Tensor) -> "ChannelTarget":
         """The same target for perturbed copies: it does not depend on which input a row came from."""
         return self
@@ -222,7 +230,13 @@ class NeuronTarget:
     kind: str = field(default="neuron", init=False)
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        channel_map = ChannelTarget(self.layer, self.module, self.channel).activation(model, x)
+        return self._at(ChannelTarget(self.layer, self.module, self.channel).activation(model, x))
+
+    def from_output(self, output: torch.Tensor, model: nn.Module, input_size: Any) -> torch.Tensor:
+        """The score from the layer's output, captured in a forward made for other targets too."""
+        return self._at(channel_of(output, model, self.layer, input_size, self.channel))
+
+    def _at(self, channel_map: torch.Tensor) -> torch.Tensor:
         if channel_map.dim() != 3 or not (0 <= self.y < channel_map.shape[1] and 0 <= self.x < channel_map.shape[2]):
             raise ConfigError(
                 f"neuron ({self.y}, {self.x}) is out of range: layer '{self.layer}' channel maps have shape {tuple(channel_map.shape[1:])}"
@@ -248,7 +262,11 @@ class LayerTarget:
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         from vizkit.core.hooks import layer_output
 
-        return layer_output(model, x, self.module, self.layer).flatten(1).pow(2).sum(1)
+        return self.from_output(layer_output(model, x, self.module, self.layer), model, x.shape[-2:])
+
+    def from_output(self, output: torch.Tensor, model: nn.Module, input_size: Any) -> torch.Tensor:
+        """The score from the layer's output, captured in a forward made for other targets too."""
+        return output.flatten(1).pow(2).sum(1)
 
     def take(self, rows: torch.Tensor) -> "LayerTarget":
         """The same target for perturbed copies: it does not depend on which input a row came from."""

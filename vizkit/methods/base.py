@@ -179,7 +179,7 @@ class AttributionMethod(Method):
         pixels = self._checked_pixels(model, x, mean, std)
         with evaluating(model):
             resolved = resolve_target(target, model, x)
-            self._check_kind(resolved)
+            self._check_kind(resolved.kind, resolved)
             if resolved.kind == "class":
                 resolved = resolved.to(x.device)
             result = self.compute(model, x.detach(), resolved, pixels)
@@ -207,8 +207,7 @@ class AttributionMethod(Method):
         with evaluating(model):
             resolved = resolve_target_set(targets, model, x)
             for kind in sorted(resolved.kinds):
-                if kind not in self.target_kinds:
-                    raise ConfigError(f"{self.name} cannot explain a {kind} target ({resolved}); it takes: {', '.join(sorted(self.target_kinds))}")
+                self._check_kind(kind, resolved)
             result = self.compute_targets(model, x.detach(), resolved.to(x.device), pixels)
         return _detached(result)
 
@@ -228,9 +227,9 @@ class AttributionMethod(Method):
         warn_unnormalized(self.name, pixels, x)
         return pixels
 
-    def _check_kind(self, resolved: Any) -> None:
-        if resolved.kind not in self.target_kinds:
-            raise ConfigError(f"{self.name} cannot explain a {resolved.kind} target ({resolved}); it takes: {', '.join(sorted(self.target_kinds))}")
+    def _check_kind(self, kind: str, resolved: Any) -> None:
+        if kind not in self.target_kinds:
+            raise ConfigError(f"{self.name} cannot explain a {kind} target ({resolved}); it takes: {', '.join(sorted(self.target_kinds))}")
 
     def check(self, model: "torch.nn.Module") -> None:
         """Refuse, with a ``ConfigError``, a model this method cannot explain (a layer it does not

@@ -40,9 +40,9 @@ def attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: Ta
             images, indices, mask_tensor = batch["pixels"], batch["index"], batch["mask"]
             space = self.space(images)
             x = space.from_pixels(images)
-            explain = lambda: method.explain_targets(self.model, x, target, mean=space.mean, std=space.std)  # noqa: E731
             if target_set is not None:
                 target = resolve_target_set(target_set, self.model, x)
+                explain = lambda: method.explain_targets(self.model, x, target, mean=space.mean, std=space.std)  # noqa: E731
             else:
                 # 'predicted' reads the classes from the method's own first forward on x (no extra pass)
                 target = PredictedClassTarget(self.model, x) if spec.kind == "predicted" else resolve_spec(spec, self.model, x.shape[0])
@@ -53,14 +53,18 @@ def attribution_task(model: torch.nn.Module, method: AttributionMethod, spec: Ta
                 with torch.no_grad():
                     logits = self.model(x)
             columns = target.columns() if target_set is not None else [target]
-            records = []
+            # what the captions of channel, neuron and layer targets report in place of a probability: one more
+            # forward, for these targets only, all of a set's from the same forward
+            scored = [column for column in columns if column.kind != "class"]
+            with torch.no_grad():
+                values = TargetSet(scored, []).scores(self.model, x).float().cpu() if scored else None
+            records, scored_column = [], 0
             for column in columns:
                 target_scores = None
                 if column.kind == "class":  # metrics explain the same classes, whatever they run the model on
                     column = ClassTarget(column.indices.to(x.device))
-                else:  # what the caption reports in place of a probability: one more forward, for these targets only
-                    with torch.no_grad():
-                        target_scores = column.score(self.model, x).float().cpu()
+                else:
+                    target_scores, scored_column = values[:, scored_column], scored_column + 1
                 records.append((column, target_scores))
             started = time.perf_counter()
             scores: dict[str, list] = {}

@@ -191,7 +191,7 @@ class CamMethod(AttributionMethod):
 def _layers_before(model, layer: str, targets):
     """Yields a list that, after the forward, holds the set's channel, neuron and layer targets whose layer
     finishes before ``layer`` does (the score of such a target does not depend on ``layer``)."""
-    columns = [] if getattr(targets, "kinds", {"class"}) == {"class"} else [c for c in targets.columns() if c.kind != "class" and c.layer != layer]
+    columns = [] if targets.kinds == {"class"} else [c for c in targets.columns() if c.kind != "class" and c.layer != layer]
     finished: list[str] = []
     early: list = []
     with ExitStack() as stack:
