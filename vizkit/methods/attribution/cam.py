@@ -85,9 +85,7 @@ def layers_activations_and_gradients(model, x, target, layers: list[str], method
     activations: list[torch.Tensor | None] = []
     for layer, outputs in captured.items():
         if len(outputs) > 1 or (required and not outputs):
-            times = "never" if not outputs else f"{len(outputs)} times"
-            raise ConfigError(f"{method_name}: layer '{layer}' runs {times} in one forward pass "
-                              f"(before the target, once); choose another with {choose}")
+            raise _runs_not_once(method_name, layer, "never" if not outputs else f"{len(outputs)} times", "the target", choose)
         activations.append(outputs[0] if outputs else None)
     if not gradient:
         return [None if a is None else a.detach() for a in activations], [None] * len(layers), None
@@ -182,9 +180,14 @@ class CamMethod(AttributionMethod):
         with _layers_before(model, layer, targets) as early:
             captures = self._captures(model, x, targets, layer, is_set=per_target)
         if early:
-            raise ConfigError(f"{self.name}: layer '{layer}' runs never in one forward pass (before the target {early[0]}, once); "
-                              f"choose another with method.layer=NAME")
+            raise _runs_not_once(self.name, layer, "never", f"the target {early[0]}", "method.layer=NAME")
         return captures
+
+
+def _runs_not_once(method_name: str, layer: str, times: str, target: str, choose: str) -> ConfigError:
+    """A CAM needs its layer to run exactly once before the target's score is known."""
+    return ConfigError(f"{method_name}: layer '{layer}' runs {times} in one forward pass (before {target}, once); "
+                       f"choose another with {choose}")
 
 
 @contextmanager

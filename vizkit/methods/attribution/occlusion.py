@@ -27,10 +27,13 @@ and the TensorBoard tags (``NAME/panel_approximate``):
 * adaptive drill-down: the windows on a grid ``coarse_factor`` (2) times the stride are evaluated; every
   other window's drop is estimated from them (bilinear in its position); the share ``drill_down`` (0.1)
   of all windows with the highest estimates is then evaluated, the rest keep their estimates. About
-  35 % of the passes at the defaults. Measured against the exact maps: the embedded model on 50 held-out
-  shapes, mean Pearson correlation 0.985 (lowest 0.881), the same most important pixel in all 50; a random-weight resnet18
-  (224 px, shapes upscaled, 3 images), whose maps are closer to noise, 0.86 (0.91 at ``drill_down=0.25``,
-  0.94 at 0.4): below 0.95 there.
+  35 % of the passes at the defaults. Measured against the exact maps (``benchmarks/approximate_limits.py``):
+  the embedded model on 50 held-out shapes, mean Pearson correlation 0.985 (lowest 0.881), the same most
+  important pixel in all 50; a random-weight resnet18 (224 px, 6 shapes upscaled) 0.868, the same pixel in
+  5 of 6: below 0.95 there, and no rule for the drilled windows gets there with fewer passes: drilling
+  exactly where the estimate is most wrong (an oracle) gives 0.943 at the defaults and 0.90 with the 30 %
+  of the passes a 10x speed-up allows. On random weights the drops of windows two strides apart correlate
+  0.18 (trained, embedded: 0.40), so the coarse pass says little about the windows between.
 * projective-field thresholding: ``projective_threshold`` τ < 1 caps every changed region's side at τ of
   its map's, keeping its middle (the cells beyond are taken as unchanged). Off by default: at τ = 0.5 the
   correlation with the exact map fell to 0.59 (embedded) and 0.70 (resnet18) for a 1.4× gain over exact
