@@ -22,7 +22,12 @@ INCREMENTAL_ROWS = ("occlusion_incremental_w8s4", "occlusion_incremental_w16s8",
                     "occlusion_incremental_vgg16", "occlusion_approximate")
 
 
-def incremental_row(name: str, repeats: int = 1) -> Row:
+# the headline row (the protocol) sits near its 3x goal, inside this VM's +-10 % between runs: it
+# takes the median of three alternations; the others one
+REPEATS = {"occlusion_incremental_w16s8": 3}
+
+
+def incremental_row(name: str, repeats: int | None = None) -> Row:
     import vizkit
     from vizkit.core.pixels import PixelSpace
 
@@ -43,7 +48,7 @@ def incremental_row(name: str, repeats: int = 1) -> Row:
         fill = PixelSpace.for_model(model).fill(method.config.fill, x)
         run_peer, peer_name = captum_occlusion(model, window, stride, fill, x.shape)
         fns["peer"] = lambda: run_peer(x, target, 16)
-    times = time_alternating(fns, repeats, warmup=False)
+    times = time_alternating(fns, repeats or REPEATS.get(name, 1), warmup=False)
     row = Row.timed(name, x, times, peer_name, model=architecture, settings=fields | {"batch_size": method.config.batch_size},
                     note="seconds: the method's incremental (approximate) path; floor: occlusion with incremental=false "
                          "(whole forwards, 8 a pass); one call each, alternating, no warm-up (a call is many passes)")
