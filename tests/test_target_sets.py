@@ -142,6 +142,9 @@ def test_a_run_writes_one_map_per_input_and_target(compose, tmp_path):
     results = run(compose("data=shapes", "data.count=2", "method=gradcam", "target=top:2", "metrics=[pointing_game]"), tmp_path)
     records = results["inputs"]
     assert results["target"] == "top:2" and len(records) == 4
+    timings = results["timings"]  # per input, not per map
+    assert timings["seconds_per_input"] == pytest.approx(timings["method_seconds"] / 2)
+    assert timings["inputs_per_second"] == pytest.approx(2 / timings["predict_seconds"], rel=1e-6)
     for record in records:
         rank, index = record["name"].split("__")[1].split("_class_")
         assert record["name"].startswith(record["input"] + "__") and int(index) == record["target"]["index"]

@@ -203,7 +203,8 @@ class AttributionRun(FamilyRun):
         for name, curve in curves.items():  # one point per step: a deletion curve, a randomization cascade
             for step, value in enumerate(curve["mean"]):
                 self.writer.add_scalars({f"curves/{name}": value}, step=step)
-        seconds_per_input = method_seconds / max(len(records), 1)
+        inputs = _input_count(records)  # a target set writes K records per input
+        seconds_per_input = method_seconds / max(inputs, 1)
         return Summary(
             target=self.target_text,
             fields={"inputs": records, "skipped": self.streamed.skipped, "metrics": summary,
@@ -216,9 +217,9 @@ class AttributionRun(FamilyRun):
                 "metric_seconds": metric_seconds,
                 "predict_seconds": clock.between("read", "computed"),
                 "seconds_per_input": seconds_per_input,
-                "inputs_per_second": len(records) / max(clock.between("read", "computed"), 1e-9),  # the whole stream: decoding, method, writing
+                "inputs_per_second": inputs / max(clock.between("read", "computed"), 1e-9),  # the whole stream: decoding, method, writing
             },
-            hparams={"target": self.target_text, "data": str(self.settings.data.kind), "inputs": len(records),
+            hparams={"target": self.target_text, "data": str(self.settings.data.kind), "inputs": inputs,
                      "metrics": ",".join(m.name for m in self.metrics)},
             scalars={"timing/seconds_per_input": seconds_per_input},
             rows=[_row(record) for record in records],
@@ -227,9 +228,14 @@ class AttributionRun(FamilyRun):
     @staticmethod
     def report(results: dict[str, Any]) -> str:
         skipped = f" ({len(results['skipped'])} unreadable skipped)" if results.get("skipped") else ""
-        inputs = {record.get("input", record["name"]) for record in results["inputs"]}
-        per_input = f" x {len(results['inputs']) // len(inputs)} targets" if inputs and len(results["inputs"]) > len(inputs) else ""
-        return f"{results['method']['name']} on {len(inputs)} input(s){per_input}{skipped}, {results['device']}"
+        records, inputs = results["inputs"], _input_count(results["inputs"])
+        per_input = f" x {len(records) // inputs} targets" if inputs and len(records) > inputs else ""
+        return f"{results['method']['name']} on {inputs} input(s){per_input}{skipped}, {results['device']}"
+
+
+def _input_count(records: list[dict[str, Any]]) -> int:
+    """How many inputs the records are of: a target set's K records of one input name it as their ``input``."""
+    return len({record.get("input", record["name"]) for record in records})
 
 
 def _target_record(column: dict[str, Any], probabilities: torch.Tensor, row: int, names: list[str] | None) -> dict[str, Any]:
